@@ -1,0 +1,70 @@
+"""Ensembles: the single-model functions of ``make_trainer`` mapped over stacked models.
+
+``k`` models of a chunk are processed as ``lax.map`` over groups of ``vmap_width``
+``vmap``ped models (``vmap_width >= k``: one plain ``vmap``; ``1``: a sequential map
+inside jit). One jitted call trains every model of the chunk for one epoch; there is
+no Python loop over models or steps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxunlearn.training.step import ModelState, Trainer
+
+
+def map_models(fn: Callable, xs, vmap_width: int, n_models: int):
+    """Applies single-model ``fn`` to every model in ``xs`` (stacked on axis 0)."""
+    if vmap_width >= n_models:
+        return jax.vmap(fn)(xs)
+    return lax.map(fn, xs, batch_size=max(1, vmap_width))
+
+
+def model_keys(seed: int, model_ids) -> jax.Array:
+    """Per-model keys: fold_in(key(seed), global model index). model_ids: i32[k] -> key[k]."""
+    root = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(model_ids, jnp.uint32))
+
+
+class EnsembleFns:
+    """Jitted ensemble versions of a Trainer's functions, for a fixed chunk size and vmap width."""
+
+    def __init__(self, trainer: Trainer, n_models: int, vmap_width: int):
+        self.trainer = trainer
+        mm = lambda fn, xs: map_models(fn, xs, vmap_width, n_models)  # noqa: E731
+
+        self.init = jax.jit(lambda keys: mm(trainer.init, keys))
+
+        def epoch(states, images, labels, masks, keys, epoch):
+            return mm(lambda a: trainer.run_epoch(a[0], images, labels, a[1], a[2], epoch), (states, masks, keys))
+
+        self.epoch = jax.jit(epoch, donate_argnums=0)
+        self.logits = jax.jit(lambda params, stats, images: mm(
+            lambda a: trainer.logits(a[0], a[1], images), (params, stats)))
+
+
+def train_ensemble(trainer: Trainer, images, labels, masks, model_ids, seed: int, epochs: int,
+                   vmap_width: int | None = None, on_epoch: Callable | None = None,
+                   fns: EnsembleFns | None = None) -> tuple[ModelState, dict]:
+    """Trains k models at once.
+
+    images: u8|f32[n, H, W, C] and labels: i32[n] (device arrays, the training set);
+    masks: bool[k, n] (each model's subset); model_ids: int[k] global indices (they fix
+    each model's init and data order). Returns the stacked final states and metrics of the
+    last epoch ({"loss": f32[k], "accuracy": f32[k]}).
+    """
+    k = int(np.shape(masks)[0])
+    fns = fns or EnsembleFns(trainer, k, vmap_width or k)
+    keys = model_keys(seed, model_ids)
+    masks = jnp.asarray(masks)
+    states = fns.init(keys)
+    metrics = {}
+    for e in range(epochs):
+        states, metrics = fns.epoch(states, images, labels, masks, keys, jnp.int32(e))
+        if on_epoch is not None:
+            on_epoch(e, metrics)
+    return states, metrics

@@ -1,0 +1,95 @@
+"""Training recipes (hyperparameters) and the optimizer they define."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import optax
+
+from jaxunlearn.errors import JaxUnlearnError
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that defines how one model is trained (not which data it sees)."""
+
+    model: str = "cnn"
+    width: float = 1.0
+    epochs: int = 24
+    batch_size: int = 512
+    peak_lr: float = 0.4
+    peak_epoch: float = 5.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    crop_pad: int = 0
+    flip: bool = False
+    dtype: str = "float32"
+
+    def replace(self, **kw) -> "Recipe":
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def with_epochs(self, epochs: int | None) -> "Recipe":
+        """Same recipe over ``epochs`` epochs, the lr peak moved to the same fraction of training."""
+        if epochs is None or epochs == self.epochs:
+            return self
+        return dataclasses.replace(self, epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        if self.epochs < 1:
+            raise JaxUnlearnError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise JaxUnlearnError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.peak_epoch <= self.epochs:
+            raise JaxUnlearnError(f"peak_epoch must lie in [0, epochs], got {self.peak_epoch}")
+        if not 0 <= self.label_smoothing < 1:
+            raise JaxUnlearnError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        return self
+
+
+# The paper recipe (CIFAR-10 ResNet-9, as in datamodels / KLoM) and fast digits recipes.
+RECIPES: dict[str, Recipe] = {
+    "cifar10-resnet9": Recipe(model="resnet9", width=1.0, epochs=24, batch_size=512, peak_lr=0.4, peak_epoch=5,
+                              momentum=0.9, nesterov=True, weight_decay=5e-4, crop_pad=2, flip=True),
+    "digits-mlp": Recipe(model="mlp", width=1.0, epochs=16, batch_size=64, peak_lr=0.1, peak_epoch=3,
+                         weight_decay=5e-4),
+    "digits-cnn": Recipe(model="cnn", width=1.0, epochs=12, batch_size=64, peak_lr=0.2, peak_epoch=2,
+                         weight_decay=5e-4, crop_pad=1),
+}
+DEFAULT_RECIPE = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9", "cifar100": "cifar10-resnet9",
+                  "svhn": "cifar10-resnet9"}
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a JSON file of Recipe fields (e.g. experiments/recipes/*.json)."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]
+    if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            fields = json.load(f)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
+        if unknown:
+            raise JaxUnlearnError(f"recipe {name_or_path}: unknown fields {sorted(unknown)}")
+        return Recipe(**fields).validate()
+    raise JaxUnlearnError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(RECIPES)} or a .json file")
+
+
+def triangle_schedule(peak_lr: float, peak_step: float, total_steps: int):
+    """Single-peak linear schedule: 0 at step 0, ``peak_lr`` at ``peak_step``, 0 at ``total_steps``."""
+    xp = jnp.array([0.0, float(peak_step), float(total_steps)])
+    fp = jnp.array([0.0, 1.0, 0.0])
+    return lambda step: peak_lr * jnp.interp(step, xp, fp)
+
+
+def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum, coupled weight decay, triangle schedule."""
+    schedule = triangle_schedule(recipe.peak_lr, recipe.peak_epoch * steps_per_epoch,
+                                 recipe.epochs * steps_per_epoch)
+    return optax.chain(optax.add_decayed_weights(recipe.weight_decay),
+                       optax.sgd(schedule, momentum=recipe.momentum or None, nesterov=recipe.nesterov))

@@ -1,0 +1,106 @@
+"""One model: init, the pure ``train_step``, one epoch as a ``lax.scan``, and logits.
+
+``make_trainer`` closes over the (static) model, recipe and normalisation constants and
+returns pure functions of arrays only, ready to be ``vmap``ped over a stacked ensemble.
+Keys are derived from a per-model key: init ``fold_in(k, 0)``, epoch order
+``fold_in(fold_in(k, 1), epoch)``, augmentation ``fold_in(fold_in(k, 2), step)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxunlearn.data.augment import augment, normalize
+from jaxunlearn.models import make_model
+from jaxunlearn.training.recipe import Recipe, make_optimizer
+from jaxunlearn.training.subsets import epoch_batches
+
+
+class ModelState(NamedTuple):
+    """One model's training state (stack it over a leading axis for an ensemble)."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array  # i32[]
+
+
+class Trainer(NamedTuple):
+    """Pure functions for one (model, recipe, data set). All arrays in, arrays out."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    init: Callable  # (model_key) -> ModelState
+    train_step: Callable  # (state, images u8[B,...], labels i32[B], key) -> (state, metrics)
+    epoch_batches: Callable  # (mask bool[n], model_key, epoch) -> i32[steps, B]
+    run_epoch: Callable  # (state, images, labels, mask, model_key, epoch) -> (state, metrics)
+    logits: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, C]
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Mean softmax cross-entropy. logits: f32[B, C], labels: i32[B] -> f32[]."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps_per_epoch: int,
+                 conv_impl: str = "im2col", eval_batch: int = 1024) -> Trainer:
+    model = make_model(recipe.model, num_classes, recipe.width, conv_impl, recipe.dtype)
+    tx = make_optimizer(recipe, steps_per_epoch)
+
+    def apply(params, batch_stats, x, train):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits, new.get("batch_stats", batch_stats)
+        return model.apply(variables, x, train=False), batch_stats
+
+    def init(model_key):
+        variables = model.init(jax.random.fold_in(model_key, 0), jnp.zeros((1, *image_shape)), train=False)
+        params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
+        return ModelState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32))
+
+    def train_step(state, images, labels, key):
+        x = augment(normalize(images, mean, std), key, recipe.crop_pad, recipe.flip)
+
+        def loss_fn(params):
+            logits, batch_stats = apply(params, state.batch_stats, x, True)
+            return cross_entropy(logits, labels, num_classes, recipe.label_smoothing), (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        acc = (logits.argmax(-1) == labels).mean()
+        return ModelState(params, batch_stats, opt_state, state.step + 1), {"loss": loss, "accuracy": acc}
+
+    def batches(mask, model_key, epoch):
+        key = jax.random.fold_in(jax.random.fold_in(model_key, 1), epoch)
+        return epoch_batches(mask, key, recipe.batch_size, steps_per_epoch)
+
+    def run_epoch(state, images, labels, mask, model_key, epoch):
+        aug_key = jax.random.fold_in(model_key, 2)
+
+        def body(state, idx):
+            return train_step(state, images[idx], labels[idx], jax.random.fold_in(aug_key, state.step))
+
+        state, metrics = lax.scan(body, state, batches(mask, model_key, epoch))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    def logits(params, batch_stats, images):
+        n = images.shape[0]
+        b = min(eval_batch, n)
+        pad = (-n) % b
+        x = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)]) if pad else images
+        out = lax.map(lambda xb: apply(params, batch_stats, normalize(xb, mean, std), False)[0],
+                      x.reshape(-1, b, *images.shape[1:]))
+        return out.reshape(-1, out.shape[-1])[:n]
+
+    return Trainer(model, tx, steps_per_epoch, init, train_step, batches, run_epoch, logits)

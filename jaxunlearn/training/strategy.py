@@ -1,0 +1,25 @@
+"""How an ensemble is laid out on a backend: conv formulation and vmap width.
+
+The defaults come from ``benchmarks/ensemble_throughput.py`` (see benchmarks/RESULTS.md);
+override them with ``--conv-impl`` / ``--vmap-width`` and measure on your machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    conv_impl: str  # "im2col" or "xla"
+    vmap_width: int  # models vmapped together inside one lax.map step
+
+
+def default_strategy(model: str, backend: str, n_models: int) -> Strategy:
+    if model == "mlp":  # dense layers batch perfectly: vmap everything
+        return Strategy("xla", n_models)
+    if backend == "cpu":
+        # CPU: a vmapped XLA conv becomes a grouped conv, ~16x slower than im2col (digits CNN);
+        # one model at a time inside jit beats a wide vmap for conv nets.
+        return Strategy("im2col", 1)
+    # GPU/TPU: XLA conv for small widths of vmap; not yet measured on this project's GPU runs.
+    return Strategy("xla", 1)

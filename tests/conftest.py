@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_MINI = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-mini")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from jaxunlearn.data import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def cifar_mini_dir():
+    path = os.environ.get("JAXUNLEARN_CIFAR10_MINI", CIFAR_MINI)
+    if not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
+        pytest.skip(f"real CIFAR-10 slice not found at {path} (clone with ../shared/data/cifar10-mini, "
+                    "or set JAXUNLEARN_CIFAR10_MINI)")
+    return path

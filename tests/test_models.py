@@ -1,0 +1,54 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.models import im2col_conv, make_model, xla_conv
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1)])
+def test_im2col_conv_equals_xla_conv(k, stride, pad):
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 9, 9, 3))
+    w = jax.random.normal(kk, (k, k, 3, 5))
+    a = im2col_conv(x, w, stride, pad)
+    b = xla_conv(x, w, stride, pad)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    ga = jax.grad(lambda w: im2col_conv(x, w, stride, pad).sum())(w)
+    gb = jax.grad(lambda w: xla_conv(x, w, stride, pad).sum())(w)
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,shape,width", [("resnet9", (32, 32, 3), 0.125), ("resnet18", (32, 32, 3), 0.125),
+                                              ("cnn", (8, 8, 1), 1.0), ("mlp", (8, 8, 1), 1.0)])
+def test_models_map_images_to_logits(name, shape, width):
+    m = make_model(name, 10, width)
+    x = jnp.ones((3, *shape))
+    v = jax.jit(lambda x: m.init(jax.random.key(0), x, train=False))(x)
+    y, new = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+    assert y.shape == (3, 10) and y.dtype == jnp.float32
+    assert ("batch_stats" in v) == (name != "mlp")
+    # same parameters, either conv formulation, same outputs
+    y2 = jax.jit(lambda v, x: make_model(name, 10, width, impl="xla").apply(v, x, train=False))(v, x)
+    np.testing.assert_allclose(jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x), y2, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet9_is_the_paper_model():
+    m = make_model("resnet9", 10, 1.0)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
+    kernels = [l.shape for l in jax.tree.leaves(v["params"]) if len(l.shape) == 4]
+    assert [k[-1] for k in kernels] == [64, 128, 128, 128, 256, 256, 256, 128]
+    assert kernels[1][:2] == (5, 5)
+    n = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(v["params"]))
+    convs = 3 * 3 * 3 * 64 + 5 * 5 * 64 * 128 + 2 * 9 * 128 * 128 + 9 * 128 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 128
+    bn = 2 * (64 + 3 * 128 + 3 * 256 + 128)
+    assert n == convs + bn + 128 * 10 == 2_274_880  # head: 128x10, no bias
+
+
+def test_bad_model_names():
+    with pytest.raises(JaxUnlearnError, match="unknown model 'vit'"):
+        make_model("vit", 10)
+    with pytest.raises(JaxUnlearnError, match="unknown conv implementation"):
+        make_model("cnn", 10, impl="fft")

@@ -1,0 +1,155 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxunlearn.cli import main
+from jaxunlearn.training.recipe import RECIPES, load_recipe
+
+from conftest import REPO
+
+TRAIN = ["train", "--dataset", "digits", "--recipe", "digits-cnn", "--epochs", "4", "--models", "12", "--chunk", "2",
+         "--no-progress"]
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "jaxunlearn", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    assert main([*TRAIN, "--out", out]) == 0
+    return out
+
+
+def test_run_folder_contents(reference_run):
+    cfg = json.load(open(os.path.join(reference_run, "config.json")))
+    masks = np.load(os.path.join(reference_run, "masks.npy"))
+    margins = np.load(os.path.join(reference_run, "margins.npy"))
+    logits = np.load(os.path.join(reference_run, "logits.npy"))
+    acc = json.load(open(os.path.join(reference_run, "accuracy.json")))
+    assert masks.shape == (12, 1437) and masks.dtype == bool and (masks.sum(1) == 718).all()
+    assert margins.shape == (12, 1437 + 360) and margins.dtype == np.float32
+    assert logits.shape == (12, 1797, 10)
+    assert len(acc["test"]) == 12 and min(acc["test"]) > 0.8
+    assert cfg["run"]["recipe"]["model"] == "cnn" and cfg["chunk_resolved"] == 2
+    assert sorted(os.listdir(os.path.join(reference_run, "chunks"))) == [f"{i:05d}" for i in range(6)]
+    # margin = correct logit - logsumexp(other logits), train points first
+    from jaxunlearn.data import load_digits
+    y = load_digits().all_labels
+    z = logits[3, 1500]
+    others = np.delete(z, y[1500])
+    assert np.isclose(margins[3, 1500], z[y[1500]] - np.log(np.exp(others).sum()), atol=1e-4)
+    # a model scores higher margins on points it trained on
+    n = masks.shape[1]
+    assert (margins[:, :n][masks].mean() > margins[:, :n][~masks].mean())
+
+
+def test_kill_and_resume_gives_bit_identical_margins(reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    proc = _cli(*TRAIN, "--out", out)
+    first = os.path.join(out, "chunks", "00000")
+    deadline = time.time() + 120
+    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = [n for n in os.listdir(os.path.join(out, "chunks")) if not n.startswith(".")]
+    assert 1 <= len(done_at_kill) < 6, done_at_kill  # killed in the middle
+    assert not os.path.exists(os.path.join(out, "margins.npy"))
+    proc = _cli(*TRAIN, "--out", out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    for name in ("margins.npy", "logits.npy", "masks.npy"):
+        a, b = np.load(os.path.join(out, name)), np.load(os.path.join(reference_run, name))
+        assert a.tobytes() == b.tobytes(), name
+
+
+def test_half_written_chunk_is_never_taken_as_finished(reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    chunks = os.path.join(out, "chunks")
+    for c in ("00004", "00005"):
+        shutil.rmtree(os.path.join(chunks, c))
+    os.makedirs(os.path.join(chunks, ".tmp-00004", "ckpt"))  # what a kill during a save leaves
+    np.save(os.path.join(out, "margins.npy"), np.zeros(3))
+    assert main([*TRAIN, "--out", out]) == 0
+    assert not os.path.exists(os.path.join(chunks, ".tmp-00004"))
+    assert sorted(os.listdir(chunks)) == [f"{i:05d}" for i in range(6)]
+    a, b = np.load(os.path.join(out, "margins.npy")), np.load(os.path.join(reference_run, "margins.npy"))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_chunk_checkpoint_restores_the_models(reference_run):
+    import jax
+    import jax.numpy as jnp
+    from jaxunlearn.data import load_digits
+    from jaxunlearn.training import load_chunk_variables
+    from jaxunlearn.training.step import make_trainer
+
+    ds = load_digits()
+    v = load_chunk_variables(reference_run, 1)
+    tr = make_trainer(RECIPES["digits-cnn"].with_epochs(4), 10, ds.image_shape, ds.mean, ds.std, 12)
+    first = jax.tree.map(lambda t: jnp.asarray(t[0]), v)  # model 2 = first model of chunk 1
+    logits = jax.jit(tr.logits)(first["params"], first["batch_stats"], jnp.asarray(ds.all_images))
+    np.testing.assert_allclose(logits, np.load(os.path.join(reference_run, "logits.npy"))[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "mnist"], "unknown data set 'mnist'"),
+    (["--model", "vit"], "unknown model 'vit'"),
+    (["--alpha", "0"], r"--alpha must lie in \(0, 1\], got 0.0"),
+    (["--alpha", "1.5"], r"--alpha must lie in \(0, 1\], got 1.5"),
+    (["--models", "0"], "--models must be >= 1, got 0"),
+    (["--dataset", "cifar10", "--data-dir", "."], "is not a CIFAR-10 python archive"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--forget-idx", "1,2,99999"], r"forget set has indices out of range \[0, 1437\)"),
+    (["--forget-idx", ""], "forget set is empty"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+])
+def test_bad_inputs_give_one_clear_line_and_no_output(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxunlearn: error: ")
+    import re
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_out_folder_with_a_different_run_is_refused_untouched(reference_run, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    argv = [a if a != "4" else "5" for a in TRAIN]  # --epochs 5
+    assert main([*argv, "--out", out]) == 2
+    assert "holds a run with a different config (differs in: recipe)" in capsys.readouterr().err
+    assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main([*TRAIN, "--out", str(other)]) == 2
+    assert "is not empty and holds no jaxunlearn run" in capsys.readouterr().err
+    assert os.listdir(other) == ["notes.txt"]
+
+
+def test_unknown_cli_option_is_one_line():
+    proc = _cli("train", "--out", "x", "--bogus")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "unrecognized arguments: --bogus" in err
+
+
+def test_experiment_recipes_match_the_builtins():
+    for name, recipe in RECIPES.items():
+        assert load_recipe(os.path.join(REPO, "experiments", "recipes", f"{name}.json")) == recipe
+    paper = RECIPES["cifar10-resnet9"]
+    assert (paper.model, paper.epochs, paper.batch_size, paper.peak_lr, paper.peak_epoch, paper.momentum,
+            paper.weight_decay) == ("resnet9", 24, 512, 0.4, 5, 0.9, 5e-4)

@@ -1,0 +1,121 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunlearn.data import make_dataset
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.metrics import accuracy_from_logits
+from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, retain_masks, train_ensemble
+from jaxunlearn.training.loop import train_one_by_one
+from jaxunlearn.training.recipe import triangle_schedule
+from jaxunlearn.training.subsets import epoch_batches, steps_per_epoch
+
+
+def test_subset_masks_are_seeded_and_exact():
+    m = random_subset_masks(100, 5, 0.3, seed=1)
+    assert m.shape == (5, 100) and (m.sum(1) == 30).all()
+    np.testing.assert_array_equal(m, random_subset_masks(100, 5, 0.3, seed=1))
+    assert not np.array_equal(m[0], m[1])
+    # model i's mask depends on (seed, i) only, not on how many models are drawn together
+    np.testing.assert_array_equal(m[3:], random_subset_masks(100, 2, 0.3, seed=1, first_model=3))
+    with pytest.raises(JaxUnlearnError, match="alpha must lie in"):
+        random_subset_masks(10, 2, 0.0, 0)
+
+
+def test_retain_masks_and_bad_forget_sets():
+    m = retain_masks(10, 3, [2, 7])
+    assert m.shape == (3, 10) and not m[:, [2, 7]].any() and m.sum() == 24
+    with pytest.raises(JaxUnlearnError, match="forget set is empty"):
+        retain_masks(10, 3, [])
+    with pytest.raises(JaxUnlearnError, match=r"out of range \[0, 10\): \[10\]"):
+        retain_masks(10, 3, [1, 10])
+    with pytest.raises(JaxUnlearnError, match="whole training set"):
+        retain_masks(3, 1, [0, 1, 2])
+
+
+def test_epoch_batches_cover_subset_and_never_leave_it():
+    mask = jnp.asarray(random_subset_masks(50, 1, 0.4, 0)[0])
+    idx = epoch_batches(mask, jax.random.key(0), batch_size=7, steps=3)  # 20 points, 21 slots: wraps once
+    assert idx.shape == (3, 7)
+    assert bool(mask[idx].all())
+    assert set(np.asarray(idx).ravel().tolist()) == set(np.flatnonzero(mask).tolist())
+
+
+def test_removing_points_keeps_the_order_of_the_others():
+    """'The same run without F': dropping F from a subset deletes F from the order, nothing else."""
+    mask = np.ones(40, bool)
+    without = mask.copy()
+    without[[3, 17, 25]] = False
+    key = jax.random.key(5)
+    full = np.asarray(epoch_batches(jnp.asarray(mask), key, 40, 1)).ravel()
+    kept = np.asarray(epoch_batches(jnp.asarray(without), key, 37, 1)).ravel()
+    np.testing.assert_array_equal(kept, full[~np.isin(full, [3, 17, 25])])
+
+
+def test_with_epochs_keeps_the_peak_fraction():
+    r = RECIPES["cifar10-resnet9"].with_epochs(12)
+    assert (r.epochs, r.peak_epoch) == (12, 2.5)
+
+
+def test_schedule_is_a_triangle():
+    s = triangle_schedule(0.4, 5, 24)
+    np.testing.assert_allclose([s(0), s(2.5), s(5), s(14.5), s(24)], [0, 0.2, 0.4, 0.2, 0], atol=1e-6)
+
+
+def _trainer(ds, recipe, masks, impl="im2col"):
+    return make_trainer(recipe, ds.num_classes, ds.image_shape, ds.mean, ds.std,
+                        steps_per_epoch(masks, recipe.batch_size), impl)
+
+
+def test_masks_are_respected_outside_points_poisoned_with_nan(digits):
+    """Points outside every model's subset are NaN images: one of them in any batch (forward,
+    gradient or BatchNorm statistics) would turn that model's parameters into NaN."""
+    masks = random_subset_masks(digits.n_train, 8, 0.5, seed=0)
+    x = digits.train_images.astype(np.float32)
+    ds = make_dataset("digits", x, digits.train_labels, digits.test_images.astype(np.float32),
+                      digits.test_labels, 10)
+    # per model: poison everything that model must not see
+    recipe = RECIPES["digits-cnn"].with_epochs(2)
+    tr = _trainer(ds, recipe, masks)
+    for m in range(2):
+        xm = np.where(masks[m][:, None, None, None], x, np.nan)
+        states, _ = train_ensemble(tr, jnp.asarray(xm), jnp.asarray(ds.train_labels), masks[m:m + 1],
+                                   [m], seed=0, epochs=2)
+        assert all(bool(jnp.isfinite(l).all()) for l in jax.tree.leaves((states.params, states.batch_stats)))
+    # the check can fail: a model whose mask covers a poisoned point does go NaN
+    xm = np.where(masks[0][:, None, None, None], x, np.nan)
+    states, _ = train_ensemble(tr, jnp.asarray(xm), jnp.asarray(ds.train_labels), masks[1:2], [1], 0, 1)
+    assert not all(bool(jnp.isfinite(l).all()) for l in jax.tree.leaves(states.params))
+
+
+def test_ensemble_equals_one_by_one_training(digits):
+    recipe = RECIPES["digits-cnn"].with_epochs(2)
+    masks = random_subset_masks(digits.n_train, 3, 0.5, 0)
+    tr = _trainer(digits, recipe, masks)
+    X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
+    ens, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, vmap_width=3)
+    seq, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, vmap_width=1)
+    loop = train_one_by_one(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, mode="per_step")
+    for i in range(3):
+        a = jax.tree.map(lambda t: t[i], ens.params)
+        for other in (jax.tree.map(lambda t: t[i], seq.params), loop[i].params):
+            jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-3, atol=2e-4), a, other)
+
+
+def test_digits_ensemble_reaches_single_model_accuracy(digits):
+    """32 models trained at once reach the accuracy of the same recipe trained one model at a time."""
+    recipe = RECIPES["digits-mlp"]
+    masks = np.ones((32, digits.n_train), bool)
+    tr = _trainer(digits, recipe, masks)
+    X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
+    Xte, Yte = jnp.asarray(digits.test_images), jnp.asarray(digits.test_labels)
+    fns = EnsembleFns(tr, 32, 32)
+    states, _ = train_ensemble(tr, X, Y, masks, np.arange(32), seed=0, epochs=recipe.epochs, fns=fns)
+    ens_acc = accuracy_from_logits(fns.logits(states.params, states.batch_stats, Xte), Yte)
+    singles = train_one_by_one(tr, X, Y, masks[:4], np.arange(100, 104), seed=0, epochs=recipe.epochs)
+    single_acc = np.mean([float(accuracy_from_logits(jax.jit(tr.logits)(s.params, s.batch_stats, Xte), Yte))
+                          for s in singles])
+    assert single_acc > 0.93
+    assert abs(float(ens_acc.mean()) - single_acc) <= 0.02, (float(ens_acc.mean()), single_acc)
+    assert float(ens_acc.min()) > 0.9
