@@ -125,6 +125,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    import dataclasses
+
+    from jaxunlearn.pipeline.config import PipelineConfig
+    from jaxunlearn.pipeline.unlearn import run_pipeline
+
+    cfg = PipelineConfig.from_json(args.config) if args.config else PipelineConfig()
+    over = {"forget_sets": tuple(args.forget) if args.forget else None,
+            "methods": tuple(args.methods) if args.methods else None, "data_dir": args.data_dir}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None}).validate()
+    run_pipeline(cfg, args.out, progress=not args.no_progress)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """KLoM of given unlearned margins against an oracle run."""
+    import json
+
+    import numpy as np
+
+    from jaxunlearn.metrics.klom import klom, klom_summary
+    from jaxunlearn.training import load_run
+
+    oracle = load_run(args.oracle)
+    if not os.path.isfile(args.margins):
+        raise JaxUnlearnError(f"--margins file {args.margins!r} does not exist")
+    margins = np.load(args.margins)
+    cfg = oracle["config"]
+    if cfg["run"]["forget"] is None:
+        raise JaxUnlearnError(f"{args.oracle!r} is not an oracle run (it was trained without --forget-idx)")
+    n, n_test = cfg["n_train"], cfg["n_test"]
+    if margins.ndim != 2 or margins.shape[1] != n + n_test:
+        raise JaxUnlearnError(f"--margins must be [models, {n + n_test}] (train then test points), got {margins.shape}")
+    f_idx = np.asarray(cfg["run"]["forget"])
+    groups = {"forget": f_idx, "retain": np.setdiff1d(np.arange(n), f_idx), "val": n + np.arange(n_test)}
+    summary = klom_summary(klom(oracle["margins"], margins), groups)
+    print(json.dumps({"klom": summary}, indent=2))
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="jaxunlearn", description="Fast JAX machine unlearning: ensembles, datamodels, KLoM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -136,6 +176,18 @@ def build_parser():
     d.add_argument("--quick", action="store_true", help="smaller ensembles (for tests)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+    u = sub.add_parser("pipeline", help="ensembles -> datamodels -> unlearning methods -> KLoM (resumes)")
+    u.add_argument("--config", default=None, help="a pipeline .json (see experiments/); default: the digits demo")
+    u.add_argument("--out", required=True)
+    u.add_argument("--data-dir", default=None)
+    u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
+    u.add_argument("--methods", nargs="+", default=None, help="none oracle-matching dm-direct dmm")
+    u.add_argument("--no-progress", action="store_true")
+    u.set_defaults(func=cmd_pipeline)
+    e = sub.add_parser("evaluate", help="KLoM of unlearned margins (.npy [models, points]) against an oracle run")
+    e.add_argument("--oracle", required=True, help="an oracle run folder (train --forget-idx)")
+    e.add_argument("--margins", required=True)
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

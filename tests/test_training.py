@@ -90,17 +90,24 @@ def test_masks_are_respected_outside_points_poisoned_with_nan(digits):
 
 
 def test_ensemble_equals_one_by_one_training(digits):
-    recipe = RECIPES["digits-cnn"].with_epochs(2)
+    """Same models whichever way they are laid out (up to float reassociation of vmap vs scan)."""
+    recipe = RECIPES["digits-cnn"].with_epochs(1)
     masks = random_subset_masks(digits.n_train, 3, 0.5, 0)
     tr = _trainer(digits, recipe, masks)
     X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
-    ens, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, vmap_width=3)
-    seq, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, vmap_width=1)
-    loop = train_one_by_one(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=2, mode="per_step")
+    ens, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, vmap_width=3)
+    seq, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, vmap_width=1)
+    loop = train_one_by_one(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, mode="per_step")
+    other_seed, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=5, epochs=1, vmap_width=3)
+    logits = jax.jit(tr.logits)
+    xt = jnp.asarray(digits.test_images)
+    pick = lambda st, i: logits(jax.tree.map(lambda t: t[i], st.params), jax.tree.map(lambda t: t[i], st.batch_stats), xt)  # noqa: E731
     for i in range(3):
-        a = jax.tree.map(lambda t: t[i], ens.params)
-        for other in (jax.tree.map(lambda t: t[i], seq.params), loop[i].params):
-            jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-3, atol=2e-4), a, other)
+        a = pick(ens, i)
+        for b in (pick(seq, i), logits(loop[i].params, loop[i].batch_stats, xt)):
+            assert float(jnp.abs(a - b).max()) < 0.05
+            assert float(jnp.mean(a.argmax(-1) == b.argmax(-1))) > 0.99
+        assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away
 
 
 def test_digits_ensemble_reaches_single_model_accuracy(digits):

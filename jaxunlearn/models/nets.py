@@ -1,6 +1,7 @@
 """Networks: the data-attribution ResNet-9, a CIFAR ResNet-18, a small CNN and an MLP.
 
-Every model maps images f32[B, H, W, C] to logits f32[B, num_classes] and takes ``train``.
+Every model maps images f32[B, H, W, C] to logits f32[B, num_classes] and takes ``train``;
+with ``features=True`` it returns the penultimate-layer embedding f32[B, D] instead.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class ResNet9(nn.Module):
     output_scale: float = 0.2
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         c = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
         cbn = lambda f, **kw: ConvBN(f, impl=self.impl, dtype=self.dtype, **kw)  # noqa: E731
         x = cbn(c(64))(x, train)
@@ -40,6 +41,8 @@ class ResNet9(nn.Module):
         x = x + cbn(c(256))(cbn(c(256))(x, train), train)
         x = cbn(c(128), padding=0)(x, train)
         x = jnp.max(x, axis=(1, 2))
+        if features:
+            return x.astype(jnp.float32)
         x = _dense(self.num_classes, self.dtype, use_bias=False)(x)
         return (x * self.output_scale).astype(jnp.float32)
 
@@ -69,13 +72,15 @@ class ResNet18(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         base = max(1, int(round(64 * self.width)))
         x = ConvBN(base, impl=self.impl, dtype=self.dtype)(x, train)
         for i, mult in enumerate((1, 2, 4, 8)):
             for j in range(2):
                 x = BasicBlock(base * mult, 2 if (i > 0 and j == 0) else 1, self.impl, self.dtype)(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        if features:
+            return x.astype(jnp.float32)
         return _dense(self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
@@ -88,13 +93,15 @@ class SmallCNN(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         c = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
         x = ConvBN(c(16), impl=self.impl, dtype=self.dtype)(x, train)
         x = ConvBN(c(32), impl=self.impl, dtype=self.dtype)(x, train)
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = ConvBN(c(64), impl=self.impl, dtype=self.dtype)(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        if features:
+            return x.astype(jnp.float32)
         return _dense(self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
@@ -107,9 +114,11 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         h = max(1, int(round(128 * self.width)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(_dense(h, self.dtype)(x))
         x = nn.relu(_dense(h, self.dtype)(x))
+        if features:
+            return x.astype(jnp.float32)
         return _dense(self.num_classes, self.dtype)(x).astype(jnp.float32)

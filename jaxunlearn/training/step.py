@@ -40,6 +40,9 @@ class Trainer(NamedTuple):
     epoch_batches: Callable  # (mask bool[n], model_key, epoch) -> i32[steps, B]
     run_epoch: Callable  # (state, images, labels, mask, model_key, epoch) -> (state, metrics)
     logits: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, C]
+    embed: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, D] penultimate features
+    apply: Callable  # (params, batch_stats, images u8[B,...], train) -> (logits f32[B, C], batch_stats)
+    augment: Callable  # (images u8[B,...], key) -> normalised, augmented f32[B,...]
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -55,12 +58,19 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
     model = make_model(recipe.model, num_classes, recipe.width, conv_impl, recipe.dtype)
     tx = make_optimizer(recipe, steps_per_epoch)
 
-    def apply(params, batch_stats, x, train):
+    def apply(params, batch_stats, x, train, features=False):
+        """x: normalised f32[B, H, W, C]."""
         variables = {"params": params, "batch_stats": batch_stats}
         if train:
             logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
             return logits, new.get("batch_stats", batch_stats)
-        return model.apply(variables, x, train=False), batch_stats
+        return model.apply(variables, x, train=False, features=features), batch_stats
+
+    def apply_images(params, batch_stats, images, train):
+        return apply(params, batch_stats, normalize(images, mean, std), train)
+
+    def augment_images(images, key):
+        return augment(normalize(images, mean, std), key, recipe.crop_pad, recipe.flip)
 
     def init(model_key):
         variables = model.init(jax.random.fold_in(model_key, 0), jnp.zeros((1, *image_shape)), train=False)
@@ -69,7 +79,7 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
         return ModelState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32))
 
     def train_step(state, images, labels, key):
-        x = augment(normalize(images, mean, std), key, recipe.crop_pad, recipe.flip)
+        x = augment_images(images, key)
 
         def loss_fn(params):
             logits, batch_stats = apply(params, state.batch_stats, x, True)
@@ -94,13 +104,20 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
         state, metrics = lax.scan(body, state, batches(mask, model_key, epoch))
         return state, jax.tree.map(jnp.mean, metrics)
 
-    def logits(params, batch_stats, images):
+    def over_points(images, fn):
+        """fn: normalised f32[b, ...] -> f32[b, D], mapped over fixed-size batches of images."""
         n = images.shape[0]
         b = min(eval_batch, n)
         pad = (-n) % b
         x = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)]) if pad else images
-        out = lax.map(lambda xb: apply(params, batch_stats, normalize(xb, mean, std), False)[0],
-                      x.reshape(-1, b, *images.shape[1:]))
+        out = lax.map(lambda xb: fn(normalize(xb, mean, std)), x.reshape(-1, b, *images.shape[1:]))
         return out.reshape(-1, out.shape[-1])[:n]
 
-    return Trainer(model, tx, steps_per_epoch, init, train_step, batches, run_epoch, logits)
+    def logits(params, batch_stats, images):
+        return over_points(images, lambda x: apply(params, batch_stats, x, False)[0])
+
+    def embed(params, batch_stats, images):
+        return over_points(images, lambda x: apply(params, batch_stats, x, False, features=True)[0])
+
+    return Trainer(model, tx, steps_per_epoch, init, train_step, batches, run_epoch, logits, embed,
+                   apply_images, augment_images)

@@ -15,8 +15,9 @@ class Strategy:
 
 
 def default_strategy(model: str, backend: str, n_models: int) -> Strategy:
-    if model == "mlp":  # dense layers batch perfectly: vmap everything
-        return Strategy("xla", n_models)
+    if model == "mlp":
+        # dense layers batch well; on CPU 16 at a time beat 512 at once (18.0 vs 12.9 models/s, digits)
+        return Strategy("xla", min(n_models, 16) if backend == "cpu" else n_models)
     if backend == "cpu":
         # CPU: a vmapped XLA conv becomes a grouped conv, ~16x slower than im2col (digits CNN);
         # one model at a time inside jit beats a wide vmap for conv nets.

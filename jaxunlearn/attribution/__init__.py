@@ -1,0 +1,4 @@
+"""Data attribution: linear datamodels (ridge, lasso) and their LDS."""
+from jaxunlearn.attribution.datamodels import Datamodels, fit_lasso, fit_ridge, lds, spearman
+
+__all__ = ["Datamodels", "fit_ridge", "fit_lasso", "lds", "spearman"]

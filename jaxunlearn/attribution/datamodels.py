@@ -1,0 +1,195 @@
+"""Linear datamodels: ``output(x; S') ≈ w_x · 1[S'] + b_x``, fitted for all targets at once.
+
+masks: bool|f32[M, n] (which training points each subset model saw);
+outputs: f32[M, T] (T targets: e.g. every class logit and margin of every evaluation point).
+Weights come back as f32[T, n] and biases as f32[T].
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxunlearn.errors import JaxUnlearnError
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class Datamodels(NamedTuple):
+    weights: jax.Array  # f32[T, n]
+    bias: jax.Array  # f32[T]
+    lam: jax.Array  # f32[T], the regularisation chosen for each target
+
+    def predict(self, masks):
+        """masks: [M, n] -> f32[M, T]."""
+        return jnp.dot(jnp.asarray(masks, jnp.float32), self.weights.T, precision=HIGHEST) + self.bias
+
+
+def check_fit_inputs(masks, outputs, what: str = "datamodels"):
+    masks = jnp.asarray(masks, jnp.float32)
+    outputs = jnp.asarray(outputs, jnp.float32)
+    chex.assert_rank([masks, outputs], 2)
+    if masks.shape[0] != outputs.shape[0]:
+        raise JaxUnlearnError(f"{what}: masks have {masks.shape[0]} models but outputs {outputs.shape[0]}")
+    if masks.shape[0] < 2:
+        raise JaxUnlearnError(f"{what}: need at least 2 models, got {masks.shape[0]}")
+    if not bool(jnp.all(jnp.isfinite(outputs))):
+        raise JaxUnlearnError(f"{what}: outputs contain NaN or inf")
+    return masks, outputs
+
+
+def _center(x, y):
+    xm, ym = x.mean(0), y.mean(0)
+    return x - xm, y - ym, xm, ym
+
+
+@jax.jit
+def _spectral_factors(x, y):
+    """Shared factorisation: W_λ = P diag(1/(s+λ)) Q for every λ. x: [M, n] centred, y: [M, T] centred.
+
+    Dual form (M <= n): eigh of X Xᵀ [M, M]; primal (M > n): eigh of Xᵀ X [n, n].
+    Returns P f32[n, r], s f32[r], Q f32[r, T].
+    """
+    m, n = x.shape
+    if m <= n:
+        s, u = jnp.linalg.eigh(jnp.dot(x, x.T, precision=HIGHEST))
+        p = jnp.dot(x.T, u, precision=HIGHEST)
+        q = jnp.dot(u.T, y, precision=HIGHEST)
+    else:
+        s, v = jnp.linalg.eigh(jnp.dot(x.T, x, precision=HIGHEST))
+        p = v
+        q = jnp.dot(v.T, jnp.dot(x.T, y, precision=HIGHEST), precision=HIGHEST)
+    return p, jnp.maximum(s, 0.0), q
+
+
+@jax.jit
+def _ridge_weights(p, s, q, lam):
+    """lam: f32[T] -> W f32[T, n]."""
+    return jnp.dot(p, q / (s[:, None] + lam[None, :]), precision=HIGHEST).T
+
+
+@jax.jit
+def _ridge_val_errors(p, s, q, xv, yv, lams):
+    """Held-out squared error of every λ for every target: f32[L, T]."""
+    r = jnp.dot(xv, p, precision=HIGHEST)  # [Mv, r]
+    return lax.map(lambda lam: jnp.mean((jnp.dot(r, q / (s + lam)[:, None], precision=HIGHEST) - yv) ** 2, 0), lams)
+
+
+def default_lambdas(masks, num: int = 13):
+    """A log grid around the mean eigenvalue of the centred mask Gram matrix."""
+    x = jnp.asarray(masks, jnp.float32)
+    scale = float(jnp.sum(x.var(0)) * x.shape[0] / min(x.shape))
+    return jnp.asarray(scale * np.logspace(-4, 2, num), jnp.float32)
+
+
+def fit_ridge(masks, outputs, lambdas=None, val_fraction: float = 0.1, seed: int = 0) -> Datamodels:
+    """Ridge for every target at once; λ chosen per target on held-out models, then refit on all.
+
+    masks: [M, n]; outputs: f32[M, T]. ``lambdas``: f32[L] candidates (default: a log grid).
+    """
+    x, y = check_fit_inputs(masks, outputs)
+    m = x.shape[0]
+    lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+    if lams.size > 1:
+        nv = max(1, int(round(val_fraction * m)))
+        if m - nv < 2:
+            raise JaxUnlearnError(f"datamodels: {m} models are too few to hold out {nv} for choosing λ")
+        perm = np.random.default_rng(seed).permutation(m)
+        fit, val = perm[nv:], perm[:nv]
+        xc, yc, xm, ym = _center(x[fit], y[fit])
+        p, s, q = _spectral_factors(xc, yc)
+        errors = _ridge_val_errors(p, s, q, x[val] - xm, y[val] - ym, lams)
+        lam = lams[jnp.argmin(errors, axis=0)]
+    else:
+        lam = jnp.full((y.shape[1],), lams.reshape(()))
+    xc, yc, xm, ym = _center(x, y)
+    p, s, q = _spectral_factors(xc, yc)
+    w = _ridge_weights(p, s, q, lam)
+    return Datamodels(w, ym - jnp.dot(w, xm, precision=HIGHEST), lam)
+
+
+def _soft_threshold(w, t):
+    return jnp.sign(w) * jnp.maximum(jnp.abs(w) - t, 0.0)
+
+
+@jax.jit
+def _fista(xc, yc, lam, w0, step, iters):
+    """Minimise 1/(2M)||Xc Wᵀ - Yc||² + λ_t ||w_t||₁ for all targets t. w0: [T, n]; lam: f32[T]."""
+    m = xc.shape[0]
+    xty = jnp.dot(xc.T, yc, precision=HIGHEST).T / m  # [T, n]
+
+    def grad(w):
+        return jnp.dot(jnp.dot(w, xc.T, precision=HIGHEST), xc, precision=HIGHEST) / m - xty
+
+    def body(_, carry):
+        w, z, t = carry
+        w_new = _soft_threshold(z - step * grad(z), step * lam[:, None])
+        t_new = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
+        return w_new, w_new + ((t - 1) / t_new) * (w_new - w), t_new
+
+    w, _, _ = lax.fori_loop(0, iters, body, (w0, w0, jnp.float32(1.0)))
+    return w
+
+
+def fit_lasso(masks, outputs, num_lambdas: int = 8, iters: int = 200, val_fraction: float = 0.1,
+              seed: int = 0) -> Datamodels:
+    """Lasso along a decreasing λ path (warm starts, FISTA for all targets together); λ per target
+    chosen on held-out models; the path is then re-run on all models up to each target's λ."""
+    x, y = check_fit_inputs(masks, outputs)
+    m = x.shape[0]
+    nv = max(1, int(round(val_fraction * m)))
+    perm = np.random.default_rng(seed).permutation(m)
+    fit, val = perm[nv:], perm[:nv]
+
+    def path(xf, yf):
+        xc, yc, xm, ym = _center(xf, yf)
+        lmax = jnp.max(jnp.abs(jnp.dot(xc.T, yc, precision=HIGHEST)), axis=0) / xc.shape[0]  # [T]
+        # Lipschitz constant of the gradient: largest eigenvalue of XcᵀXc / M (power iteration)
+        v = jnp.ones((xc.shape[1],)) / np.sqrt(xc.shape[1])
+        for _ in range(30):
+            v = jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)
+            v = v / jnp.linalg.norm(v)
+        lip = jnp.dot(v, jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)) / xc.shape[0]
+        ratios = np.logspace(-0.3, -3, num_lambdas)
+        w = jnp.zeros((yc.shape[1], xc.shape[1]))
+        out = []
+        for r in ratios:
+            w = _fista(xc, yc, lmax * r, w, 1.0 / lip, iters)
+            out.append((w, ym - jnp.dot(w, xm, precision=HIGHEST), lmax * r))
+        return out
+
+    errs = []
+    for w, b, _ in path(x[fit], y[fit]):
+        errs.append(jnp.mean((jnp.dot(x[val], w.T, precision=HIGHEST) + b - y[val]) ** 2, axis=0))
+    best = jnp.argmin(jnp.stack(errs), axis=0)  # [T]
+    full = path(x, y)
+    ws = jnp.stack([f[0] for f in full])  # [L, T, n]
+    bs = jnp.stack([f[1] for f in full])
+    ls = jnp.stack([f[2] for f in full])
+    t = jnp.arange(y.shape[1])
+    return Datamodels(ws[best, t], bs[best, t], ls[best, t])
+
+
+def _ranks(a):
+    """Ranks along axis 0 (ties broken by order). a: [M, T] -> f32[M, T]."""
+    return jnp.argsort(jnp.argsort(a, axis=0), axis=0).astype(jnp.float32)
+
+
+@jax.jit
+def spearman(a, b):
+    """Spearman correlation per column. a, b: f32[M, T] -> f32[T]."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+    return (ra * rb).sum(0) / jnp.sqrt((ra * ra).sum(0) * (rb * rb).sum(0) + 1e-12)
+
+
+def lds(dm: Datamodels, masks, outputs):
+    """Linear datamodeling score: mean over targets of the Spearman correlation, across held-out
+    models, between predicted and actual outputs. masks: [M, n], outputs: f32[M, T] -> float."""
+    x, y = check_fit_inputs(masks, outputs, "LDS")
+    chex.assert_equal(x.shape[1], dm.weights.shape[1])
+    return float(jnp.nanmean(spearman(dm.predict(x), y)))

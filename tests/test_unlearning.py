@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.metrics import margins_from_logits
+from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, train_ensemble
+from jaxunlearn.training.subsets import steps_per_epoch
+from jaxunlearn.unlearning import MatchingConfig, UnlearnData, dm_direct, forget_effect, oracle_matching, unlearn_ensemble
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def ensemble(digits):
+    recipe = RECIPES["digits-cnn"].with_epochs(3)
+    masks = np.ones((K, digits.n_train), bool)
+    tr = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std, steps_per_epoch(masks, 64))
+    fns = EnsembleFns(tr, K, 1)
+    states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
+                               np.arange(K), 0, recipe.epochs, fns=fns)
+    data = UnlearnData(jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), tr.apply)
+    logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
+    return tr, fns, states, data, logits
+
+
+def test_oracle_matching_moves_all_models_toward_their_targets_in_one_call(ensemble, digits):
+    tr, fns, states, data, logits = ensemble
+    forget = np.arange(40)
+    retain = np.arange(40, digits.n_train)
+    # targets: every model's own logits, except forget points pushed to "class 0"
+    targets = logits.at[:, forget].set(jnp.where(jnp.arange(10) == 0, 8.0, -2.0))
+    cfg = MatchingConfig(retain_per_epoch=128)  # default 8 epochs, lr 0.02
+    keys = jax.random.split(jax.random.key(0), K)
+    p, s, cost = unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, forget, retain,
+                                  targets, keys, cfg)
+    new = fns.logits(p, s, jnp.asarray(digits.train_images))
+    before = jnp.mean((logits[:, forget] - targets[:, forget]) ** 2, axis=(1, 2))
+    after = jnp.mean((new[:, forget] - targets[:, forget]) ** 2, axis=(1, 2))
+    assert new.shape == logits.shape and cost.shape == (K,)
+    assert bool(jnp.all(after < 0.5 * before)), (before, after)
+    keep = jnp.mean(new[:, retain].argmax(-1) == logits[:, retain].argmax(-1))
+    assert float(keep) > 0.9  # retain predictions survive
+    steps = -(-(40 + 128) // 64)
+    assert np.all(np.asarray(cost) == cfg.epochs * steps * 64)
+    # models are unlearned independently: model 0's result does not depend on model 1's inputs
+    p1, _, _ = unlearn_ensemble(oracle_matching, jax.tree.map(lambda t: t[:2], states.params),
+                                jax.tree.map(lambda t: t[:2], states.batch_stats), data, forget, retain,
+                                targets[:2], keys[:2], cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-5), p, p1)
+
+
+def test_unlearn_ensemble_rejects_bad_inputs(ensemble, digits):
+    tr, fns, states, data, logits = ensemble
+    keys = jax.random.split(jax.random.key(0), K)
+    cfg = MatchingConfig(epochs=1)
+    call = lambda f, r, t: unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, f, r, t,  # noqa: E731
+                                            keys, cfg)
+    with pytest.raises(JaxUnlearnError, match="forget set is empty"):
+        call(np.array([], np.int32), np.arange(10), logits)
+    with pytest.raises(JaxUnlearnError, match=r"targets must be \[K=8, n_train=1437, C\]"):
+        call(np.arange(3), np.arange(3, 10), logits[:, :100])
+    with pytest.raises(JaxUnlearnError, match="targets contain NaN"):
+        call(np.arange(3), np.arange(3, 10), logits.at[0, 0, 0].set(jnp.nan))
+
+
+def test_dm_direct_subtracts_the_forget_weights():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(6, 3, 20)), jnp.float32)  # [P, C, n_train]
+    full = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+    f = np.array([2, 5, 11])
+    out = dm_direct(full, w, f)
+    np.testing.assert_allclose(out, np.asarray(full) - np.asarray(w)[:, :, f].sum(-1)[None], rtol=1e-5)
+    np.testing.assert_allclose(forget_effect(w, f), np.asarray(w)[:, :, f].sum(-1), rtol=1e-5)
+    with pytest.raises(JaxUnlearnError, match="forget set is empty"):
+        dm_direct(full, w, np.array([], int))
+    with pytest.raises(JaxUnlearnError, match="out of range"):
+        dm_direct(full, w, np.array([20]))
+    with pytest.raises(JaxUnlearnError, match="do not match datamodels"):
+        dm_direct(full[:, :5], w, f)
