@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
+from jaxunlearn.training.ensemble import EnsembleFns, model_keys, train_ensemble
 from jaxunlearn.training.loop import make_jitted, train_one_by_one
 from jaxunlearn.training.recipe import RECIPES
 from jaxunlearn.training.step import make_trainer
@@ -39,6 +39,46 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+# dense bf16 tensor-core peaks (TFLOP/s) for the fraction-of-peak column; --peak-tflops overrides
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device_kind: str, override: float | None):
+    if override:
+        return override
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_kind), None)
+
+
+def step_flops(recipe, x, y, mean, std, spe) -> float | None:
+    """Model FLOPs of one single-model train_step: XLA's count on the program of the plain-conv
+    formulation lowered for the CPU (model FLOPs do not depend on the device; a GPU program hides
+    cuDNN convolutions in custom calls that its cost analysis does not count)."""
+    tr = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, "xla")
+    state = jax.eval_shape(tr.init, jax.random.key(0))
+    batch = jax.ShapeDtypeStruct((recipe.batch_size, *x.shape[1:]), x.dtype)
+    labels = jax.ShapeDtypeStruct((recipe.batch_size,), y.dtype)
+    traced = jax.jit(tr.train_step).trace(state, batch, labels, jax.random.key(0))
+    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def time_ensemble(tr, X, Y, masks, ids, epochs, impl_width) -> dict:
+    """AOT-compiles one ensemble epoch (compile timed on its own), then times ``epochs`` epochs."""
+    m = int(masks.shape[0])
+    fns = EnsembleFns(tr, m, impl_width)
+    keys = model_keys(0, ids)
+    mk = jnp.asarray(masks)
+    t = time.perf_counter()
+    states = jax.eval_shape(fns.init, keys)
+    fns.init = fns.init.lower(keys).compile()
+    fns.epoch = fns.epoch.lower(states, X, Y, mk, keys, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t
+    _, t_run = timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, epochs, fns=fns)[0])
+    return {"compile_s": compile_s, "seconds": t_run, "models_per_s": m / t_run}
+
+
 def bench(args) -> dict:
     if args.dataset == "digits":
         from jaxunlearn.data import load_digits
@@ -47,48 +87,72 @@ def bench(args) -> dict:
     else:
         x, y = synthetic_cifar(args.n_train)
         mean, std = (125.0,) * 3, (63.0,) * 3
-    recipe = RECIPES[args.recipe].with_epochs(args.epochs).replace(model=args.model, width=args.width,
-                                                                   batch_size=args.batch, dtype=args.dtype)
+    base = RECIPES[args.recipe]
+    recipe = base.with_epochs(args.epochs).replace(model=args.model, width=args.width,
+                                                     batch_size=args.batch, dtype=args.dtype)
     m = args.models
     masks = random_subset_masks(len(y), m, 0.5, 0)
     spe = steps_per_epoch(masks, recipe.batch_size)
     X, Y = jnp.asarray(x), jnp.asarray(y)
     ids = np.arange(m)
-    strat = default_strategy(recipe.model, jax.default_backend(), m)
+    backend = jax.default_backend()
+    strat = default_strategy(recipe.model, backend, m)
     impl = args.conv_impl or strat.conv_impl
     vw = args.vmap_width or strat.vmap_width
-    res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "model": recipe.model,
-           "width": recipe.width, "dataset": args.dataset, "models": m, "batch": recipe.batch_size,
-           "epochs": recipe.epochs, "steps_per_epoch": spe, "conv_impl": impl, "vmap_width": vw}
+    device = str(jax.devices()[0].device_kind)
+    res = {"backend": backend, "device": device, "model": recipe.model, "width": recipe.width,
+           "dtype": recipe.dtype, "dataset": args.dataset, "n_train": int(len(y)), "models": m,
+           "batch": recipe.batch_size, "epochs": recipe.epochs, "steps_per_epoch": spe,
+           "conv_impl": impl, "vmap_width": vw}
 
-    tr = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, impl)
-    fns = EnsembleFns(tr, m, vw)
-    _, t_first = timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, 1, fns=fns)[0])
-    _, t_one = timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, 1, fns=fns)[0])
-    _, t_ens = timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, recipe.epochs, fns=fns)[0])
-    res["ensemble_compile_s"] = max(0.0, t_first - t_one)
-    res["ensemble_s"] = t_ens
-    res["ensemble_models_per_s"] = m / t_ens
+    # (a) the ensemble engine, at the chosen strategy and any others asked for
+    tried = [(impl, vw)] + [(s.split(":")[0], int(s.split(":")[1])) for s in args.strategies]
+    strategies = {}
+    for si, sw in dict.fromkeys(tried):
+        tr = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, si)
+        strategies[f"{si}:{sw}"] = time_ensemble(tr, X, Y, masks, ids, recipe.epochs, sw)
+        print(f"  ensemble {si}:{sw}: {strategies[f'{si}:{sw}']}", flush=True)
+    chosen = strategies[f"{impl}:{vw}"]
+    res["strategies"] = strategies
+    res["ensemble_compile_s"] = chosen["compile_s"]
+    res["ensemble_s"] = chosen["seconds"]
+    res["ensemble_models_per_s"] = chosen["models_per_s"]
 
+    # (b) a Python loop over models around the jitted single-model epoch / step
     loops = {}
-    impls = ["xla", "im2col"] if recipe.model != "mlp" else ["xla"]
+    impls = args.loop_impls if recipe.model != "mlp" else ["xla"]
+    nl = min(m, args.loop_models)
     for li in impls:
         tr1 = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, li)
         j = make_jitted(tr1)
         for mode in args.loop_modes:
             _, t_first = timed(lambda: train_one_by_one(tr1, X, Y, masks[:1], ids[:1], 0, 1, mode, j)[0])
             _, t_one = timed(lambda: train_one_by_one(tr1, X, Y, masks[:1], ids[:1], 0, 1, mode, j)[0])
-            nl = min(m, args.loop_models)
             _, t = timed(lambda: train_one_by_one(tr1, X, Y, masks[:nl], ids[:nl], 0, recipe.epochs, mode, j))
             loops[f"{mode}/{li}"] = {"models_per_s": nl / t, "compile_s": max(0.0, t_first - t_one),
                                      "models_timed": nl}
+            print(f"  loop {mode}/{li}: {loops[f'{mode}/{li}']}", flush=True)
     best = max(loops, key=lambda k: loops[k]["models_per_s"])
     res["loops"] = loops
     res["loop_best"] = best
     res["loop_models_per_s"] = loops[best]["models_per_s"]
     res["loop_compile_s"] = loops[best]["compile_s"]
     res["ratio"] = res["ensemble_models_per_s"] / res["loop_models_per_s"]
+
+    # throughput in the units a user plans with: models/hour at the timed epochs, and
+    # extrapolated to the recipe's full schedule (same steps per epoch, base.epochs epochs)
     res["models_per_hour"] = 3600 * res["ensemble_models_per_s"]
+    res["recipe_epochs"] = base.epochs
+    res["models_per_hour_full_recipe"] = res["models_per_hour"] * recipe.epochs / base.epochs
+    flops = step_flops(recipe, X, Y, mean, std, spe)
+    if flops:
+        achieved = flops * spe * recipe.epochs * res["ensemble_models_per_s"]
+        res["flops_per_model_step"] = flops
+        res["achieved_tflops"] = achieved / 1e12
+        peak = peak_tflops(device, args.peak_tflops)
+        if peak:
+            res["peak_bf16_tflops"] = peak
+            res["fraction_of_bf16_peak"] = achieved / 1e12 / peak
     return res
 
 
@@ -106,6 +170,11 @@ def main(argv=None):
     p.add_argument("--models", type=int, default=16)
     p.add_argument("--loop-models", type=int, default=4, help="models the loop baselines train (throughput is per model)")
     p.add_argument("--loop-modes", nargs="+", default=["per_epoch", "per_step"])
+    p.add_argument("--loop-impls", nargs="+", default=["xla", "im2col"],
+                   help="conv formulations the loop baselines try (the faster one is the baseline)")
+    p.add_argument("--strategies", nargs="*", default=[],
+                   help="extra ensemble strategies to time, as IMPL:VMAP_WIDTH (e.g. xla:8 im2col:1)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak, for fraction_of_bf16_peak")
     p.add_argument("--conv-impl", default=None)
     p.add_argument("--vmap-width", type=int, default=None)
     args = p.parse_args(argv)

@@ -1,8 +1,12 @@
 import os
 
+import jax
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Tests compare layouts of the same computation (ensemble vs loop, vmap vs scan): on a GPU,
+# f32 matmuls and convs default to TF32, whose rounding would dominate those comparisons.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_MINI = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-mini")

@@ -21,7 +21,7 @@ def test_im2col_conv_equals_xla_conv(k, stride, pad):
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,shape,width", [("resnet9", (32, 32, 3), 0.125), ("resnet18", (32, 32, 3), 0.125),
+@pytest.mark.parametrize("name,shape,width", [("resnet9", (32, 32, 3), 0.125), ("resnet18", (16, 16, 3), 0.125),
                                               ("cnn", (8, 8, 1), 1.0), ("mlp", (8, 8, 1), 1.0)])
 def test_models_map_images_to_logits(name, shape, width):
     m = make_model(name, 10, width)

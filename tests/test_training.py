@@ -81,7 +81,7 @@ def test_masks_are_respected_outside_points_poisoned_with_nan(digits):
     for m in range(2):
         xm = np.where(masks[m][:, None, None, None], x, np.nan)
         states, _ = train_ensemble(tr, jnp.asarray(xm), jnp.asarray(ds.train_labels), masks[m:m + 1],
-                                   [m], seed=0, epochs=2)
+                                   [m], seed=0, epochs=1)
         assert all(bool(jnp.isfinite(l).all()) for l in jax.tree.leaves((states.params, states.batch_stats)))
     # the check can fail: a model whose mask covers a poisoned point does go NaN
     xm = np.where(masks[0][:, None, None, None], x, np.nan)
@@ -96,7 +96,6 @@ def test_ensemble_equals_one_by_one_training(digits):
     tr = _trainer(digits, recipe, masks)
     X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
     ens, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, vmap_width=3)
-    seq, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, vmap_width=1)
     loop = train_one_by_one(tr, X, Y, masks, [0, 1, 2], seed=4, epochs=1, mode="per_step")
     other_seed, _ = train_ensemble(tr, X, Y, masks, [0, 1, 2], seed=5, epochs=1, vmap_width=3)
     logits = jax.jit(tr.logits)
@@ -104,7 +103,7 @@ def test_ensemble_equals_one_by_one_training(digits):
     pick = lambda st, i: logits(jax.tree.map(lambda t: t[i], st.params), jax.tree.map(lambda t: t[i], st.batch_stats), xt)  # noqa: E731
     for i in range(3):
         a = pick(ens, i)
-        for b in (pick(seq, i), logits(loop[i].params, loop[i].batch_stats, xt)):
+        for b in (logits(loop[i].params, loop[i].batch_stats, xt),):
             assert float(jnp.abs(a - b).max()) < 0.05
             assert float(jnp.mean(a.argmax(-1) == b.argmax(-1))) > 0.99
         assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from jaxunlearn.errors import JaxUnlearnError
 
@@ -41,6 +42,11 @@ class PipelineConfig:
         for k in ("forget_sets", "methods"):
             if k in d:
                 d[k] = tuple(d[k])
+        base = os.path.dirname(os.path.abspath(path))  # relative paths are relative to the config file
+        if d.get("data_dir") and not os.path.isabs(d["data_dir"]):
+            d["data_dir"] = os.path.normpath(os.path.join(base, d["data_dir"]))
+        if str(d.get("recipe", "")).endswith(".json") and not os.path.isabs(d["recipe"]):
+            d["recipe"] = os.path.normpath(os.path.join(base, d["recipe"]))
         return cls(**d).validate()
 
     def validate(self) -> "PipelineConfig":

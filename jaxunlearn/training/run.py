@@ -136,9 +136,12 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
 
 def load_chunk_variables(run_dir: str, chunk: int):
     """Stacked {"params", "batch_stats"} of one finished chunk (numpy leaves)."""
+    import warnings
+
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sharding info not provided")  # single device: expected
         return ckptr.restore(os.path.abspath(os.path.join(run_dir, "chunks", f"{chunk:05d}", "ckpt")))
 
 

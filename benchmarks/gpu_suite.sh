@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU benchmarks behind benchmarks/RESULTS.md. Usage: bash benchmarks/gpu_suite.sh STAGE OUTDIR
+#   probe : GPU correctness tests, ridge datamodels 5000 x 50000 x 10000, and the ensemble
+#           strategy probe (full ResNet-9, bf16, M=8, conv formulations x vmap widths)
+#   scale : full ResNet-9 recipe on CIFAR-10-shaped data (50,000 points, alpha 0.5) at M = 8, 32, 128
+# Each figure's exact command is echoed into OUTDIR/log.txt.
+set -u
+stage=$1; out=$2; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+run() { echo "+ $*" | tee -a "$out/log.txt"; "$@" 2>&1 | tee -a "$out/log.txt"; }
+common=(--dataset cifar-shaped --n-train 50000 --recipe cifar10-resnet9 --model resnet9 --batch 512 --dtype bfloat16)
+$py -c "import jax, flax, optax, chex, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$out/log.txt"
+case $stage in
+probe)
+  run timeout 240 $py -m pytest -q -x -p no:cacheprovider tests/test_training.py tests/test_run.py tests/test_unlearning.py tests/test_attribution.py
+  run timeout 150 $py benchmarks/datamodels.py --json "$out/gpu_datamodels.json" --synthetic-large
+  run timeout 200 $py benchmarks/ensemble_throughput.py --json "$out/gpu_probe_m8.json" "${common[@]}" \
+      --epochs 1 --models 8 --loop-models 2 --loop-modes per_epoch --loop-impls xla im2col \
+      --conv-impl xla --vmap-width 1 --strategies xla:8 im2col:8 im2col:1 xla:4
+  ;;
+scale)
+  run timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_training.py
+  for m in ${MODELS:-8 32 128}; do
+    run timeout ${TIMEOUT:-170} $py benchmarks/ensemble_throughput.py --json "$out/gpu_resnet9_m$m.json" "${common[@]}" \
+        --epochs ${EPOCHS:-1} --models "$m" --loop-models 4 --loop-modes per_epoch --loop-impls ${LOOP_IMPLS:-xla}
+  done
+  ;;
+esac
