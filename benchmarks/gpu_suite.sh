@@ -2,6 +2,7 @@
 # GPU benchmarks behind benchmarks/RESULTS.md. Usage: bash benchmarks/gpu_suite.sh STAGE OUTDIR
 #   probe : GPU correctness tests, ridge datamodels 5000 x 50000 x 10000, and the ensemble
 #           strategy probe (full ResNet-9, bf16, M=8, conv formulations x vmap widths)
+#   final : throughput M=8 with the FLOP count, baseline/MIA tests, and the whole demo on the GPU
 #   scale : full ResNet-9 recipe on CIFAR-10-shaped data (50,000 points, alpha 0.5) at M = 8, 32, 128
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
@@ -26,5 +27,12 @@ scale)
     run timeout ${TIMEOUT:-170} $py benchmarks/ensemble_throughput.py --json "$out/gpu_resnet9_m$m.json" "${common[@]}" \
         --epochs ${EPOCHS:-1} --models "$m" --loop-models 4 --loop-modes per_epoch --loop-impls ${LOOP_IMPLS:-xla}
   done
+  ;;
+final)
+  run timeout 150 $py benchmarks/ensemble_throughput.py --json "$out/gpu_resnet9_m8_flops.json" "${common[@]}" \
+      --epochs 2 --models 8 --loop-models 4 --loop-modes per_epoch --loop-impls xla
+  run timeout 200 $py -m pytest -q -x -p no:cacheprovider tests/test_baselines.py tests/test_mia.py
+  run timeout 300 $py -m jaxunlearn.cli demo --out /tmp/gpu-demo --no-progress
+  cp /tmp/gpu-demo/results.json "$out/gpu_demo_results.json"; cp /tmp/gpu-demo/pareto.png "$out/gpu_demo_pareto.png"
   ;;
 esac

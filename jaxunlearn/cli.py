@@ -7,6 +7,7 @@ import sys
 import time
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.unlearning.registry import ALL_METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,6 +140,23 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    from jaxunlearn.pipeline.config import PipelineConfig
+    from jaxunlearn.pipeline.demo import DEMO, QUICK
+    from jaxunlearn.pipeline.unlearn import run_sweep
+    from jaxunlearn.unlearning import get_method, parse_grid
+
+    get_method(args.method)
+    configs = parse_grid(args.method, args.grid)  # bad names / values fail before any training
+    cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
+    if args.forget:
+        cfg = dataclasses.replace(cfg, forget_sets=tuple(args.forget)).validate()
+    run_sweep(cfg, args.out, args.method, configs, progress=not args.no_progress)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """KLoM of given unlearned margins against an oracle run."""
     import json
@@ -181,9 +199,19 @@ def build_parser():
     u.add_argument("--out", required=True)
     u.add_argument("--data-dir", default=None)
     u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
-    u.add_argument("--methods", nargs="+", default=None, help="none oracle-matching dm-direct dmm")
+    u.add_argument("--methods", nargs="+", default=None, help=" ".join(ALL_METHODS))
     u.add_argument("--no-progress", action="store_true")
     u.set_defaults(func=cmd_pipeline)
+    w = sub.add_parser("sweep", help="a hyperparameter grid of one method, every point evaluated (resumes the "
+                       "pipeline's ensembles in --out)")
+    w.add_argument("--method", required=True, help=" ".join(m for m in ALL_METHODS if m not in ("none", "dm-direct")))
+    w.add_argument("--grid", nargs="+", required=True, help="NAME=V1,V2,... e.g. lr=0.001,0.01 epochs=2,4")
+    w.add_argument("--out", required=True, help="a pipeline/demo folder (its ensembles are reused)")
+    w.add_argument("--config", default=None, help="pipeline .json; default: the demo's")
+    w.add_argument("--quick", action="store_true", help="the quick demo's config (with demo --quick)")
+    w.add_argument("--forget", nargs="+", default=None)
+    w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="KLoM of unlearned margins (.npy [models, points]) against an oracle run")
     e.add_argument("--oracle", required=True, help="an oracle run folder (train --forget-idx)")
     e.add_argument("--margins", required=True)

@@ -26,3 +26,8 @@ def cifar_mini_dir():
         pytest.skip(f"real CIFAR-10 slice not found at {path} (clone with ../shared/data/cifar10-mini, "
                     "or set JAXUNLEARN_CIFAR10_MINI)")
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """The demo (the longest module) first, so that under `-n 2` the other worker runs the rest."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_pipeline.py") else 1)

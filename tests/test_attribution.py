@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, spearman
+from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, ridge_forget_effects, spearman
 from jaxunlearn.errors import JaxUnlearnError
 
 
@@ -89,3 +89,20 @@ def test_lds_on_a_digits_subset_ensemble_is_positive(digits):
     assert 0.05 < score < 1.0
     shuffled = lds(dm, masks[200:][np.random.default_rng(0).permutation(40)], margins[200:])
     assert score > shuffled + 0.05  # the masks carry the signal
+
+
+@pytest.mark.parametrize("m,n", [(120, 300), (300, 80)])  # dual (M < n) and primal (M > n) forms
+def test_forget_effects_equal_summed_ridge_weights_without_materialising_them(m, n):
+    rng = np.random.default_rng(0)
+    x = (rng.random((m, n)) < 0.5).astype(np.float32)
+    y = (x @ rng.normal(size=(n, 50)) + rng.normal(size=(m, 50))).astype(np.float32)
+    sets = [np.arange(5), np.array([3, 17, 40, 41])]
+    dm = fit_ridge(x, y)
+    effects, lam = ridge_forget_effects(x, y, sets, chunk=16)  # 4 chunks of targets
+    np.testing.assert_array_equal(lam, np.asarray(dm.lam))
+    for k, f in enumerate(sets):
+        np.testing.assert_allclose(effects[k], np.asarray(dm.weights)[:, f].sum(-1), rtol=2e-3, atol=2e-3)
+    with pytest.raises(JaxUnlearnError, match="out of range"):
+        ridge_forget_effects(x, y, [np.array([n])])
+    with pytest.raises(JaxUnlearnError, match="forget set is empty"):
+        ridge_forget_effects(x, y, [np.array([], int)])

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jaxunlearn.cli import main
+from jaxunlearn.metrics import mia
+from jaxunlearn.unlearning import ALL_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,13 @@ def test_demo_writes_the_documented_results(demo):
     assert set(res["lds"]) == {"ridge", "lasso"} and res["lds"]["ridge"] > 0.1 and res["lds"]["lasso"] > 0.1
     specs = list(res["noise_floor"])
     assert len(specs) == 2 and specs[0].startswith("random:") and specs[1].startswith("cluster:")
-    methods = {"none", "oracle-matching", "dm-direct", "dmm"}
     for spec in specs:
         rows = {r["method"]: r for r in res["results"] if r["forget_set"] == spec}
-        assert set(rows) == methods
+        assert set(rows) == set(ALL_METHODS) and len(ALL_METHODS) == 11
         for r in rows.values():
             assert set(r["klom"]) == {"forget", "retain", "val", "mean"}
             assert set(r["accuracy"]) == {"forget", "retain", "test"}
+            assert set(r["mia"]) == {"auc", "tpr_at_1pct_fpr"} and 0 <= r["mia"]["auc"] <= 1
             assert 0 <= r["compute_fraction"] < 1
         assert rows["none"]["compute_fraction"] == 0 and rows["dmm"]["compute_fraction"] > 0
     png = os.path.join(out, "pareto.png")
@@ -45,6 +47,40 @@ def test_dmm_beats_doing_nothing_and_true_oracle_matching_beats_dmm(demo):
         assert mean(spec, "dmm") < mean(spec, "none")
         assert mean(spec, "oracle-matching") < mean(spec, "dmm")
         assert mean(spec, "oracle-matching") < 1.6 * floor["mean"]  # true targets reach near the floor
+
+
+def test_mia_cannot_tell_oracles_from_oracles_but_spots_the_full_models(demo):
+    out, res = demo
+    oracle = np.load(os.path.join(out, "oracle-cluster-40-3", "margins.npy"))
+    full = np.load(os.path.join(out, "full", "margins.npy"))
+    f_idx = np.asarray(res["forget_sets"]["cluster:40:3"])
+    k2, k4 = len(oracle) // 2, len(oracle) * 3 // 4
+    # Gaussians: "in" from full[k2:], "out" from oracle[:k2]; negatives oracle[k4:]; targets independent of both
+    of_oracles = mia(oracle[k2:k4], oracle[k4:], full[k2:], oracle[:k2], f_idx)
+    of_full = mia(full[:k2 // 2], oracle[k4:], full[k2:], oracle[:k2], f_idx)
+    print("MIA AUC oracles", of_oracles, "full", of_full)
+    assert abs(of_oracles["auc"] - 0.5) < 0.08
+    assert of_full["auc"] > of_oracles["auc"] + 0.2
+    rows = {r["method"]: r["mia"]["auc"] for r in res["results"] if r["forget_set"] == "cluster:40:3"}
+    assert rows["none"] > 0.7 and rows["oracle-matching"] < rows["none"] - 0.2
+
+
+def test_sweep_reuses_the_demo_ensembles_and_writes_every_grid_point(demo):
+    out, res = demo
+    assert main(["sweep", "--out", out, "--method", "gd", "--grid", "lr=0.005,0.05", "epochs=1,2",
+                 "--forget", "random:100", "--no-progress"]) == 0
+    with open(os.path.join(out, "sweep-gd.json")) as f:
+        sw = json.load(f)
+    gd = [r for r in sw["results"] if r["method"] == "gd"]
+    assert [(r["config"]["lr"], r["config"]["epochs"]) for r in gd] == [(0.005, 1), (0.005, 2), (0.05, 1), (0.05, 2)]
+    assert {r["method"] for r in sw["results"]} == {"gd", "none", "oracle-matching", "dmm"}
+    assert gd[1]["compute_fraction"] == pytest.approx(2 * gd[0]["compute_fraction"])
+    assert len({round(r["klom"]["mean"], 6) for r in gd}) == 4  # four different models
+    none = next(r for r in sw["results"] if r["method"] == "none")
+    assert none["klom"] == next(r["klom"] for r in res["results"] if r["forget_set"] == "random:100"
+                                and r["method"] == "none")  # same ensembles, same numbers
+    png = os.path.join(out, "sweep-gd.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_command_scores_margins_against_an_oracle_run(demo, capsys):

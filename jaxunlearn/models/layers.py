@@ -42,15 +42,17 @@ def xla_conv(x, kernel, stride: int, padding: int):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-class Conv(nn.Module):
-    """Square conv without bias (BatchNorm follows). x: f32[B, H, W, C] -> f32[B, Ho, Wo, features]."""
-
+class _ConvFields(nn.Module):
     features: int
     kernel_size: int = 3
     stride: int = 1
     padding: int = 1
     impl: str = "im2col"
     dtype: jnp.dtype = jnp.float32
+
+
+class Conv(_ConvFields):
+    """Square conv without bias (BatchNorm follows). x: f32[B, H, W, C] -> f32[B, Ho, Wo, features]."""
 
     @nn.compact
     def __call__(self, x):
@@ -60,15 +62,8 @@ class Conv(nn.Module):
         return fn(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
 
 
-class ConvBN(nn.Module):
+class ConvBN(_ConvFields):
     """Conv -> BatchNorm (per-model running statistics) -> ReLU."""
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    padding: int = 1
-    impl: str = "im2col"
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):

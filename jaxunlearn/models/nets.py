@@ -15,7 +15,16 @@ def _dense(features, dtype=jnp.float32, use_bias=True):
     return nn.Dense(features, use_bias=use_bias, kernel_init=torch_default_init, dtype=dtype)
 
 
-class ResNet9(nn.Module):
+class Classifier(nn.Module):
+    """Fields every model shares (one constructor signature: ``impl`` is unused by the MLP)."""
+
+    num_classes: int = 10
+    width: float = 1.0
+    impl: str = "im2col"
+    dtype: jnp.dtype = jnp.float32
+
+
+class ResNet9(Classifier):
     """The FFCV / DAWNBench ResNet-9 used by datamodels, TRAK and KLoM on CIFAR-10.
 
     conv-BN-ReLU 64 -> 128 (5x5, stride 2) -> residual(128) -> 256 -> max-pool ->
@@ -23,10 +32,6 @@ class ResNet9(nn.Module):
     ``width`` scales every channel count (width 1.0 is the paper model).
     """
 
-    num_classes: int = 10
-    width: float = 1.0
-    impl: str = "im2col"
-    dtype: jnp.dtype = jnp.float32
     output_scale: float = 0.2
 
     @nn.compact
@@ -63,13 +68,9 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class ResNet18(nn.Module):
+class ResNet18(Classifier):
     """CIFAR ResNet-18 (3x3 stem, four stages of two BasicBlocks, 64·width base channels)."""
 
-    num_classes: int = 10
-    width: float = 1.0
-    impl: str = "im2col"
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
@@ -78,19 +79,20 @@ class ResNet18(nn.Module):
         for i, mult in enumerate((1, 2, 4, 8)):
             for j in range(2):
                 x = BasicBlock(base * mult, 2 if (i > 0 and j == 0) else 1, self.impl, self.dtype)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        if features:
-            return x.astype(jnp.float32)
-        return _dense(self.num_classes, self.dtype)(x).astype(jnp.float32)
+        return _pooled_head(x, features, self.num_classes, self.dtype)
 
 
-class SmallCNN(nn.Module):
+def _pooled_head(x, features: bool, num_classes: int, dtype):
+    """Global average pool, then the penultimate features (``features=True``) or the linear head."""
+    x = jnp.mean(x, axis=(1, 2))
+    if features:
+        return x.astype(jnp.float32)
+    return _dense(num_classes, dtype)(x).astype(jnp.float32)
+
+
+class SmallCNN(Classifier):
     """For 8x8 digits: conv(w)-conv(2w)-maxpool-conv(4w)-global avg pool-linear."""
 
-    num_classes: int = 10
-    width: float = 1.0
-    impl: str = "im2col"
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
@@ -99,19 +101,12 @@ class SmallCNN(nn.Module):
         x = ConvBN(c(32), impl=self.impl, dtype=self.dtype)(x, train)
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = ConvBN(c(64), impl=self.impl, dtype=self.dtype)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        if features:
-            return x.astype(jnp.float32)
-        return _dense(self.num_classes, self.dtype)(x).astype(jnp.float32)
+        return _pooled_head(x, features, self.num_classes, self.dtype)
 
 
-class MLP(nn.Module):
+class MLP(Classifier):
     """Flatten -> two hidden ReLU layers of 128·width units -> linear. No BatchNorm."""
 
-    num_classes: int = 10
-    width: float = 1.0
-    impl: str = "im2col"  # unused; keeps one constructor signature for every model
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):

@@ -6,8 +6,9 @@ import json
 import os
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
 
-METHODS = ("none", "oracle-matching", "dm-direct", "dmm")
+METHODS = ALL_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,11 @@ class PipelineConfig:
     om_lr: float = 0.02
     om_batch_size: int = 64
     om_retain_per_epoch: int = 256
+    # per-method hyperparameter overrides, e.g. {"ga": {"lr": 0.001}, "scrub": {"max_steps": 1}}
+    method_overrides: dict = dataclasses.field(default_factory=dict)
     lasso_targets: int = 100  # lasso is fitted for this many margin targets (LDS comparison)
+    lds_points: int = 20000  # ridge LDS on margins of at most this many points (memory: points × n_train)
+    lasso_iters: int = 50  # FISTA iterations per λ (warm-started path; on digits 50 and 200 give the same LDS)
     chunk: int | None = None
 
     @classmethod
@@ -59,4 +64,14 @@ class PipelineConfig:
             raise JaxUnlearnError(f"datamodel_models must be >= 20, got {self.datamodel_models}")
         if not self.forget_sets:
             raise JaxUnlearnError("no forget sets given")
+        for name, over in self.method_overrides.items():
+            self.method_config(name, over)  # unknown methods / hyperparameters fail here
         return self
+
+    def method_config(self, name: str, extra: dict | None = None):
+        """The config a method runs with: its defaults, the om_* fields for OM/DMM, then overrides."""
+        base = {}
+        if name in ("oracle-matching", "dmm"):
+            base = {"epochs": self.om_epochs, "lr": self.om_lr, "batch_size": self.om_batch_size,
+                    "retain_per_epoch": self.om_retain_per_epoch}
+        return make_config(name, **{**base, **self.method_overrides.get(name, {}), **(extra or {})})

@@ -5,7 +5,9 @@ Folder layout of ``out/``: ``datamodels/`` (subset run), ``full/`` (K models on 
 ``results.json``, ``pareto.png``. Every run folder resumes.
 
 Methods unlearn full models 0..K/2-1; OM takes its targets from oracles 0..K/2-1; KLoM compares
-against oracles K/2..K-1, and the noise floor is KLoM between the two oracle halves.
+against oracles K/2..K-1, and the noise floor is KLoM between the two oracle halves. The MIA fits
+its "in" Gaussians on full models K/2..K-1, "out" on oracles 0..K/2-1, and uses oracles
+K/2..K-1 as its held-out negatives.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge, lds
+from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, ridge_forget_effects
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_summary
@@ -26,7 +28,9 @@ from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
 from jaxunlearn.training.step import make_trainer
-from jaxunlearn.unlearning import MatchingConfig, UnlearnData, dm_direct, oracle_matching, unlearn_ensemble
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.metrics.mia import mia
+from jaxunlearn.unlearning import UnlearnData, config_dict, get_method, unlearn_grid
 
 
 def load_models(run_dir: str):
@@ -69,8 +73,9 @@ class _Stage:
             bar.close()
 
 
-def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig):
-    """Ridge datamodels of every logit of every point (for DM-Direct/DMM) and LDS on margins."""
+def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig, forget: dict):
+    """Ridge datamodels of every logit of every point, kept only as each forget set's summed effect
+    (what DM-Direct/DMM need: {spec: f32[P, C]}), and the LDS of ridge and lasso on margins."""
     masks = dm_run["masks"].astype(np.float32)
     m = masks.shape[0]
     n_fit = int(round(0.8 * m))
@@ -78,120 +83,215 @@ def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig):
     p, c = logits.shape[1:]
     margins = dm_run["margins"]
     t = time.time()
-    dm_logits = fit_ridge(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c), seed=cfg.seed)
-    ridge_margins = fit_ridge(masks[:n_fit], margins[:n_fit], seed=cfg.seed)
-    lds_ridge = lds(ridge_margins, masks[n_fit:], margins[n_fit:])
+    effects, _ = ridge_forget_effects(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c),
+                                      [forget[s] for s in forget], seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    # LDS of margins on at most lds_points points (all of digits; a sample of CIFAR-10's 60,000)
+    lds_pts = np.arange(p) if p <= cfg.lds_points else np.sort(rng.choice(p, cfg.lds_points, replace=False))
+    ridge_margins = fit_ridge(masks[:n_fit], margins[:n_fit][:, lds_pts], seed=cfg.seed)
+    lds_ridge = lds(ridge_margins, masks[n_fit:], margins[n_fit:][:, lds_pts])
     fit_s = time.time() - t
-    pts = np.random.default_rng(cfg.seed).choice(p, min(cfg.lasso_targets, p), replace=False)
-    lasso = fit_lasso(masks[:n_fit], margins[:n_fit][:, pts], seed=cfg.seed)
+    sub = rng.choice(len(lds_pts), min(cfg.lasso_targets, len(lds_pts)), replace=False)
+    pts = lds_pts[sub]
+    lasso = fit_lasso(masks[:n_fit], margins[:n_fit][:, pts], iters=cfg.lasso_iters, seed=cfg.seed)
     lds_lasso = lds(lasso, masks[n_fit:], margins[n_fit:][:, pts])
-    lds_ridge_same = lds(ridge_margins._replace(weights=ridge_margins.weights[pts], bias=ridge_margins.bias[pts],
-                                                lam=ridge_margins.lam[pts]), masks[n_fit:], margins[n_fit:][:, pts])
-    weights = dm_logits.weights.reshape(p, c, -1)
+    lds_ridge_same = lds(ridge_margins._replace(weights=ridge_margins.weights[sub], bias=ridge_margins.bias[sub],
+                                                lam=ridge_margins.lam[sub]), masks[n_fit:], margins[n_fit:][:, pts])
+    effects = {s: jnp.asarray(e.reshape(p, c)) for s, e in zip(forget, effects)}
     info = {"ridge": lds_ridge, "lasso": lds_lasso, "ridge_on_lasso_points": lds_ridge_same,
-            "models_fit": n_fit, "models_heldout": m - n_fit, "ridge_fit_seconds": fit_s}
-    return weights, info
+            "models_fit": n_fit, "models_heldout": m - n_fit, "ridge_fit_seconds": fit_s,
+            "lds_points": int(len(lds_pts)), "lasso_points": int(len(pts))}
+    return effects, info
+
+
+class Prepared:
+    """Everything the methods need, trained (or resumed) once: ensembles, datamodels, forget sets."""
+
+    def __init__(self, cfg: PipelineConfig, out: str, progress: bool = True, log=print):
+        cfg.validate()
+        self.cfg, self.out, self.log = cfg, out, log
+        self.t0 = time.time()
+        dataset = self.dataset = load_dataset(cfg.dataset, cfg.data_dir)
+        recipe = load_recipe(cfg.recipe).with_epochs(cfg.epochs)
+        kinds = [parse_forget_spec(s, dataset.n_train)[0] for s in cfg.forget_sets]  # fail before training
+        for spec, kind in zip(cfg.forget_sets, kinds):
+            if kind != "cluster":
+                make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
+        stage = _Stage(progress)
+        os.makedirs(out, exist_ok=True)
+        dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
+        stage.train(RunConfig(cfg.dataset, cfg.datamodel_models, recipe, cfg.seed, cfg.alpha, chunk=cfg.chunk),
+                    dataset, dm_dir, "datamodel ensemble")
+        stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
+                    dataset, full_dir, "full models")
+        dm_run, self.full = load_run(dm_dir), load_run(full_dir)
+        self.trainer = trainer_for_run(self.full, dataset)
+        full_vars = load_models(full_dir)
+        self.n, self.k2 = dataset.n_train, cfg.full_models // 2
+        embeddings = None
+        if "cluster" in kinds:
+            first = jax.tree.map(lambda t: t[0], full_vars)
+            embeddings = np.asarray(jax.jit(self.trainer.embed)(first["params"], first["batch_stats"],
+                                                                jnp.asarray(dataset.train_images)))
+        self.forget = {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
+        self.effects, self.lds_info = fit_datamodels(dm_run, dataset, cfg, self.forget)
+        log(f"datamodels: LDS ridge {self.lds_info['ridge']:.3f}, lasso {self.lds_info['lasso']:.3f} "
+            f"({self.lds_info['models_fit']} models fit, {self.lds_info['models_heldout']} held out)")
+        self.labels = jnp.asarray(dataset.all_labels)
+        self.data = UnlearnData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
+                                self.trainer.apply)
+        self.all_images = jnp.asarray(dataset.all_images)
+        self.logits_of = jax.jit(jax.vmap(self.trainer.logits, in_axes=(0, 0, None)))
+        self.full_cost = training_cost(self.full)
+        self.half = jax.tree.map(lambda t: t[:self.k2], full_vars)  # the models every method unlearns
+        self.keys = jax.random.split(jax.random.key(cfg.seed + 1), self.k2)
+        self.oracles = {}
+        for spec, f_idx in self.forget.items():
+            o_dir = os.path.join(out, "oracle-" + safe_name(spec))
+            stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0,
+                                  forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
+                        f"oracles {spec} (|F|={len(f_idx)})")
+            self.oracles[spec] = load_run(o_dir)
+        self._predicted = {}
+
+    def groups(self, spec):
+        f_idx = self.forget[spec]
+        return {"forget": f_idx, "retain": np.setdiff1d(np.arange(self.n), f_idx),
+                "val": self.n + np.arange(self.dataset.n_test)}
+
+    def noise_floor(self, spec):
+        o = self.oracles[spec]["margins"]
+        return klom_summary(klom(o[self.k2:], o[:self.k2]), self.groups(spec))
+
+    def predicted(self, spec):
+        """DM-Direct's predicted oracle logits of the unlearned half: f32[K/2, n_train + n_test, C]."""
+        if spec not in self._predicted:
+            self._predicted[spec] = jnp.asarray(self.full["logits"][:self.k2]) - self.effects[spec][None]
+        return self._predicted[spec]
+
+    def targets(self, spec, kind):
+        if kind == "oracle":
+            return jnp.asarray(self.oracles[spec]["logits"][:self.k2, :self.n])
+        if kind == "datamodel":
+            return self.predicted(spec)[:, :self.n]
+        return None
+
+    def row(self, spec, method, logits, compute, config=None) -> dict:
+        """KLoM vs the held-out oracle half, accuracies, MIA and compute for K/2 models' logits."""
+        g = self.groups(spec)
+        oracle, full = self.oracles[spec]["margins"], self.full["margins"]
+        m = np.asarray(margins_from_logits(jnp.asarray(logits), self.labels))
+        correct = np.asarray(jnp.asarray(logits).argmax(-1) == self.labels)
+        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method,
+             "klom": klom_summary(klom(oracle[self.k2:], m), g),
+             "accuracy": {"forget": float(correct[:, g["forget"]].mean()),
+                          "retain": float(correct[:, g["retain"]].mean()),
+                          "test": float(correct[:, self.n:].mean())},
+             "mia": mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]),
+             "compute_fraction": float(compute)}
+        if config is not None:
+            r["config"] = config_dict(config)
+        return r
+
+    def run_method(self, spec, method: str, configs=None) -> list[dict]:
+        """Rows for ``method`` on one forget set: one per config (default: the pipeline's config).
+        Configs sharing their static fields are unlearned in one vmapped call."""
+        t = time.time()
+        if method == "none":
+            rows = [self.row(spec, "none", self.full["logits"][:self.k2], 0.0)]
+        elif method == "dm-direct":
+            rows = [self.row(spec, method, self.predicted(spec), 0.0)]
+        else:
+            spec_m = get_method(method)
+            configs = configs or [self.cfg.method_config(method)]
+            f_idx = self.forget[spec]
+            r_idx = self.groups(spec)["retain"]
+            outs = unlearn_grid(spec_m.fn, self.half["params"], self.half["batch_stats"], self.data, f_idx, r_idx,
+                                self.targets(spec, spec_m.targets), self.keys, configs)
+            rows = []
+            for c, (p, s, cost) in zip(configs, outs):
+                logits = self.logits_of(p, s, self.all_images)
+                rows.append(self.row(spec, method, logits, float(cost.mean()) / self.full_cost, c))
+        for r in rows:
+            r["seconds"] = (time.time() - t) / len(rows)
+        return rows
+
+    def header(self) -> dict:
+        cfg = self.cfg
+        return {"dataset": cfg.dataset, "lds": {"ridge": self.lds_info["ridge"], "lasso": self.lds_info["lasso"]},
+                "lds_detail": self.lds_info, "noise_floor": {s: self.noise_floor(s) for s in self.forget},
+                "forget_sets": {s: [int(i) for i in f] for s, f in self.forget.items()},
+                "ensemble": {"full_models": cfg.full_models, "unlearned": self.k2, "eval_oracles": self.k2,
+                             "datamodel_models": cfg.datamodel_models},
+                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+
+
+def write_json(obj: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def run_pipeline(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> dict:
-    cfg.validate()
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    recipe = load_recipe(cfg.recipe).with_epochs(cfg.epochs)
-    forget_kinds = [parse_forget_spec(s, dataset.n_train)[0] for s in cfg.forget_sets]  # fail before training
-    for spec, kind in zip(cfg.forget_sets, forget_kinds):
-        if kind != "cluster":
-            make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
-    stage = _Stage(progress)
-    t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-
-    dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
-    stage.train(RunConfig(cfg.dataset, cfg.datamodel_models, recipe, cfg.seed, cfg.alpha, chunk=cfg.chunk),
-                dataset, dm_dir, "datamodel ensemble")
-    stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
-                dataset, full_dir, "full models")
-    dm_run, full = load_run(dm_dir), load_run(full_dir)
-    trainer = trainer_for_run(full, dataset)
-    full_vars = load_models(full_dir)
-    n, k2 = dataset.n_train, cfg.full_models // 2
-
-    embeddings = None
-    if "cluster" in forget_kinds:
-        first = jax.tree.map(lambda t: t[0], full_vars)
-        embeddings = np.asarray(jax.jit(trainer.embed)(first["params"], first["batch_stats"],
-                                                       jnp.asarray(dataset.train_images)))
-    forget = {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
-
-    weights, lds_info = fit_datamodels(dm_run, dataset, cfg)
-    log(f"datamodels: LDS ridge {lds_info['ridge']:.3f}, lasso {lds_info['lasso']:.3f} "
-        f"({lds_info['models_fit']} models fit, {lds_info['models_heldout']} held out)")
-
-    labels = jnp.asarray(dataset.all_labels)
-    data = UnlearnData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels), trainer.apply)
-    all_images = jnp.asarray(dataset.all_images)
-    logits_of = jax.jit(jax.vmap(trainer.logits, in_axes=(0, 0, None)))
-    full_cost = training_cost(full)
-    om_cfg = MatchingConfig(epochs=cfg.om_epochs, lr=cfg.om_lr, batch_size=cfg.om_batch_size,
-                            retain_per_epoch=cfg.om_retain_per_epoch)
-    half = jax.tree.map(lambda t: t[:k2], full_vars)
-    results, noise = [], {}
-    for spec, f_idx in forget.items():
-        o_dir = os.path.join(out, "oracle-" + safe_name(spec))
-        stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0,
-                              forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
-                    f"oracles {spec} (|F|={len(f_idx)})")
-        oracle = load_run(o_dir)
-        r_idx = np.setdiff1d(np.arange(n), f_idx)
-        groups = {"forget": f_idx, "retain": r_idx, "val": n + np.arange(dataset.n_test)}
-        eval_oracles = oracle["margins"][k2:]
-        noise[spec] = klom_summary(klom(eval_oracles, oracle["margins"][:k2]), groups)
-
-        def row(method, logits, compute):
-            m = margins_from_logits(jnp.asarray(logits), labels)
-            acc = np.asarray(accuracy_from_logits(jnp.asarray(logits), labels)[..., None])  # noqa: F841
-            correct = np.asarray(jnp.asarray(logits).argmax(-1) == labels)
-            return {"forget_set": spec, "forget_size": int(len(f_idx)), "method": method,
-                    "klom": klom_summary(klom(eval_oracles, m), groups),
-                    "accuracy": {"forget": float(correct[:, f_idx].mean()), "retain": float(correct[:, r_idx].mean()),
-                                 "test": float(correct[:, n:].mean())},
-                    "compute_fraction": float(compute)}
-
-        full_logits = full["logits"][:k2]
-        keys = jax.random.split(jax.random.key(cfg.seed + 1), k2)
-        predicted = None
+    prep = Prepared(cfg, out, progress, log)
+    results = []
+    for spec in prep.forget:
         for method in cfg.methods:
-            t = time.time()
-            if method == "none":
-                results.append(row("none", full_logits, 0.0))
-            elif method == "oracle-matching":
-                targets = jnp.asarray(oracle["logits"][:k2, :n])
-                p, s, cost = unlearn_ensemble(oracle_matching, half["params"], half["batch_stats"], data, f_idx,
-                                              r_idx, targets, keys, om_cfg)
-                results.append(row(method, logits_of(p, s, all_images), float(cost.mean()) / full_cost))
-            elif method in ("dm-direct", "dmm"):
-                if predicted is None:
-                    predicted = dm_direct(jnp.asarray(full_logits), weights, f_idx)
-                if method == "dm-direct":
-                    results.append(row(method, predicted, 0.0))
-                else:
-                    p, s, cost = unlearn_ensemble(oracle_matching, half["params"], half["batch_stats"], data,
-                                                  f_idx, r_idx, predicted[:, :n], keys, om_cfg)
-                    results.append(row(method, logits_of(p, s, all_images), float(cost.mean()) / full_cost))
-            results[-1]["seconds"] = time.time() - t
-
-    out_json = {"dataset": cfg.dataset, "lds": {"ridge": lds_info["ridge"], "lasso": lds_info["lasso"]},
-                "lds_detail": lds_info, "noise_floor": noise, "results": results,
-                "forget_sets": {s: [int(i) for i in f] for s, f in forget.items()},
-                "ensemble": {"full_models": cfg.full_models, "unlearned": k2, "eval_oracles": k2,
-                             "datamodel_models": cfg.datamodel_models},
-                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
-                "wall_seconds": time.time() - t0}
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(out_json, f, indent=2)
-    os.replace(tmp, os.path.join(out, "results.json"))
+            results.extend(prep.run_method(spec, method))
+    out_json = {**prep.header(), "results": results, "wall_seconds": time.time() - prep.t0}
+    write_json(out_json, os.path.join(out, "results.json"))
     from jaxunlearn.pipeline.report import pareto_plot, table
 
     pareto_plot(out_json, os.path.join(out, "pareto.png"))
     log(table(out_json))
     return out_json
+
+
+def _earlier_rows(out: str, prep: Prepared) -> dict:
+    """Rows of an earlier ``results.json`` in ``out`` made with the same ensembles and forget sets."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = {k: res["config"].get(k) for k in ("dataset", "recipe", "epochs", "seed", "full_models",
+                                               "datamodel_models", "alpha")}
+    if same != {k: getattr(prep.cfg, k) for k in same}:
+        return {}
+    rows: dict = {}
+    for r in res["results"]:
+        s = r["forget_set"]
+        if s in prep.forget and res["forget_sets"].get(s) == [int(i) for i in prep.forget[s]]:
+            rows.setdefault((s, r["method"]), []).append(r)
+    return rows
+
+
+def run_sweep(cfg: PipelineConfig, out: str, method: str, configs: list, progress: bool = True, log=print) -> dict:
+    """Every config of a grid for one method, on every forget set of ``cfg``: ``out/sweep-<method>.json``
+    and ``.png`` (the whole frontier, with the pipeline's default rows for reference)."""
+    get_method(method)
+    if not configs:
+        raise JaxUnlearnError("empty grid")
+    prep = Prepared(cfg, out, progress, log)
+    from jaxunlearn.cli import Progress
+    from jaxunlearn.pipeline.report import pareto_plot, sweep_table
+
+    rows = []
+    earlier = _earlier_rows(out, prep)
+    bar = Progress(len(prep.forget), f"sweep {method} ({len(configs)} configs)", progress, unit="forget set")
+    try:
+        for i, spec in enumerate(prep.forget):
+            rows.extend(prep.run_method(spec, method, configs))
+            for ref in ("none", "oracle-matching", "dmm"):  # references for the plot: reuse the pipeline's rows
+                rows.extend(earlier.get((spec, ref)) or prep.run_method(spec, ref))
+            bar(i + 1)
+    finally:
+        bar.close()
+    res = {**prep.header(), "sweep": {"method": method, "configs": [config_dict(c) for c in configs]},
+           "results": rows, "wall_seconds": time.time() - prep.t0}
+    name = "sweep-" + safe_name(method)
+    write_json(res, os.path.join(out, name + ".json"))
+    pareto_plot(res, os.path.join(out, name + ".png"))
+    log(sweep_table(res))
+    return res

@@ -8,9 +8,11 @@ A method is a pure function for ONE model::
 params / model_state: one model's pytrees (model_state = BatchNorm statistics, maybe {});
 data: :class:`UnlearnData` (training images/labels on device + the model's apply function);
 forget_idx: i32[f], retain_idx: i32[r] (training indices); targets: f32[n_train, C] target
-logits or None; key: PRNG key; config: a frozen dataclass of hyperparameters (static).
-cost: f32[] per-example gradient evaluations (a forward pass counts 1/3), so compute can be
-reported as a fraction of re-training. :func:`unlearn_ensemble` vmaps it over K models in one jit.
+logits or None; key: PRNG key; config: the method's ``flax.struct`` config (float fields are
+traced leaves, integer shape/length fields static). cost: f32[] per-example gradient
+evaluations (a forward pass counts 1/3), so compute can be reported as a fraction of
+re-training. :func:`unlearn_ensemble` vmaps a method over K models in one jit;
+:func:`unlearn_grid` also vmaps it over a grid of configs that share their static fields.
 """
 from __future__ import annotations
 
@@ -33,13 +35,7 @@ class UnlearnData(struct.PyTreeNode):
 FORWARD_COST = 1.0 / 3.0  # a forward pass is about a third of a forward+backward
 
 
-def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
-                     targets, keys, config) -> tuple[Any, Any, jax.Array]:
-    """Applies ``method`` to K stacked models in one jitted, vmapped call.
-
-    params / model_state: stacked over K; targets: f32[K, n_train, C] or None; keys: key[K].
-    Returns stacked params, model states and cost f32[K].
-    """
+def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targets):
     forget_idx = jnp.asarray(forget_idx, jnp.int32)
     retain_idx = jnp.asarray(retain_idx, jnp.int32)
     n = data.labels.shape[0]
@@ -54,7 +50,42 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
             raise JaxUnlearnError(f"targets must be [K={k}, n_train={n}, C], got {tuple(targets.shape)}")
         if not bool(jnp.all(jnp.isfinite(targets))):
             raise JaxUnlearnError("targets contain NaN or inf")
+    for name, idx in (("forget", forget_idx), ("retain", retain_idx)):
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise JaxUnlearnError(f"{name} indices out of range [0, {n})")
+    return forget_idx, retain_idx
+
+
+def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
+                     targets, keys, config) -> tuple[Any, Any, jax.Array]:
+    """Applies ``method`` to K stacked models in one jitted, vmapped call.
+
+    params / model_state: stacked over K; targets: f32[K, n_train, C] or None; keys: key[K].
+    Returns stacked params, model states and cost f32[K].
+    """
+    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
     return _unlearn_jit(method, config, params, model_state, data, forget_idx, retain_idx, targets, keys)
+
+
+def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
+                 targets, keys, configs) -> list[tuple[Any, Any, jax.Array]]:
+    """Applies ``method`` at every config of ``configs`` to all K models.
+
+    Configs that share their static fields (epochs, batch sizes...) run as ONE compiled call,
+    vmapped over the stacked float hyperparameters and over the K models. Returns, per config in
+    the given order, (params, model_state, cost f32[K]) stacked over K.
+    """
+    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
+    groups: dict = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(jax.tree.structure(c), []).append(i)
+    out: list = [None] * len(configs)
+    for idxs in groups.values():
+        stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *[configs[i] for i in idxs])
+        p, s, c = _grid_jit(method, stacked, params, model_state, data, forget_idx, retain_idx, targets, keys)
+        for j, i in enumerate(idxs):
+            out[i] = jax.tree.map(lambda t: t[j], (p, s, c))
+    return out
 
 
 def _unlearn_impl(method, config, params, model_state, data, forget_idx, retain_idx, targets, keys):
@@ -62,4 +93,10 @@ def _unlearn_impl(method, config, params, model_state, data, forget_idx, retain_
     return jax.vmap(fn, in_axes=(0, 0, None if targets is None else 0, 0))(params, model_state, targets, keys)
 
 
-_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0, 1))
+def _grid_impl(method, configs, params, model_state, data, forget_idx, retain_idx, targets, keys):
+    one = lambda c: _unlearn_impl(method, c, params, model_state, data, forget_idx, retain_idx, targets, keys)  # noqa: E731
+    return jax.vmap(one)(configs)
+
+
+_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0,))
+_grid_jit = jax.jit(_grid_impl, static_argnums=(0,))

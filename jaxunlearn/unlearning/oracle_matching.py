@@ -7,19 +7,17 @@ targets differ.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
+from flax import struct
 
 from jaxunlearn.unlearning.finetune import SGDConfig, retain_sample, run_finetune
 
 
-@dataclasses.dataclass(frozen=True)
 class MatchingConfig(SGDConfig):
-    epochs: int = 8  # measured on digits: 8 epochs at lr 0.02 bring OM with oracle targets to the noise floor
     lr: float = 0.02
-    batch_size: int = 64
-    retain_per_epoch: int = 256  # retain points sampled fresh each epoch
+    # measured on digits: 8 epochs at lr 0.02 bring OM with oracle targets to the noise floor
+    epochs: int = struct.field(pytree_node=False, default=8)
+    retain_per_epoch: int = struct.field(pytree_node=False, default=256)  # fresh retain sample each epoch
 
 
 def oracle_matching(params, model_state, data, forget_idx, retain_idx, targets, key, config: MatchingConfig):

@@ -1,0 +1,103 @@
+"""Every unlearning method by name, with its config class and where its targets come from.
+
+Adding a method = one file with ``method(params, model_state, data, forget_idx, retain_idx,
+targets, key, config)`` and a config class, plus one line here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable, NamedTuple
+
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.unlearning.ga import GAConfig, gradient_ascent
+from jaxunlearn.unlearning.gd import GDConfig, finetune_retain
+from jaxunlearn.unlearning.l1_sparse import L1SparseConfig, l1_sparse
+from jaxunlearn.unlearning.neggrad_plus import NegGradPlusConfig, neggrad_plus
+from jaxunlearn.unlearning.oracle_matching import MatchingConfig, oracle_matching
+from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
+from jaxunlearn.unlearning.salun import SalUnConfig, salun
+from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
+
+
+class Method(NamedTuple):
+    fn: Callable
+    config: type
+    targets: str | None  # "oracle" (oracle logits), "datamodel" (DM-Direct's predicted logits) or None
+
+
+METHODS: dict[str, Method] = {
+    "oracle-matching": Method(oracle_matching, MatchingConfig, "oracle"),
+    "dmm": Method(oracle_matching, MatchingConfig, "datamodel"),
+    "ga": Method(gradient_ascent, GAConfig, None),
+    "gd": Method(finetune_retain, GDConfig, None),
+    "neggrad+": Method(neggrad_plus, NegGradPlusConfig, None),
+    "scrub": Method(scrub, SCRUBConfig, None),
+    "random-labels": Method(random_labels, RandomLabelsConfig, None),
+    "salun": Method(salun, SalUnConfig, None),
+    "l1-sparse": Method(l1_sparse, L1SparseConfig, None),
+}
+# "none" (the full models unchanged) and "dm-direct" (predictions, no model) are not parameter updates
+ALL_METHODS = ("none", "oracle-matching", "dm-direct", "dmm", "ga", "gd", "neggrad+", "scrub", "random-labels",
+               "salun", "l1-sparse")
+
+
+UNIT_INTERVAL = {"saliency_fraction": "(0, 1]", "beta": "[0, 1]"}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise JaxUnlearnError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def hyperparameters(name: str) -> dict[str, type]:
+    """Hyperparameter names of a method and their types (int or float)."""
+    return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
+
+
+def make_config(name: str, **overrides):
+    """The method's config with ``overrides``; unknown names and wrong types are clear errors."""
+    kinds = hyperparameters(name)
+    clean = {}
+    for k, v in overrides.items():
+        if k not in kinds:
+            raise JaxUnlearnError(f"{name} has no hyperparameter {k!r}; it has {', '.join(kinds)}")
+        if kinds[k] is int:
+            if float(v) != int(float(v)):
+                raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v}")
+            v = int(float(v))
+            if v < 0 or (k != "max_steps" and v == 0):
+                raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
+        else:
+            v = float(v)
+            if v != v:
+                raise JaxUnlearnError(f"{name}: {k} is NaN")
+            if k in UNIT_INTERVAL and not (0 < v <= 1 if k == "saliency_fraction" else 0 <= v <= 1):
+                raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k]}, got {v}")
+        clean[k] = v
+    return get_method(name).config(**clean)
+
+
+def parse_grid(name: str, items) -> list:
+    """``["lr=0.01,0.02", "epochs=2,4"]`` -> the configs of the Cartesian product, in order."""
+    axes = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise JaxUnlearnError(f"bad grid entry {item!r}; write NAME=V1,V2,...")
+        if key in axes:
+            raise JaxUnlearnError(f"grid names {key!r} twice")
+        try:
+            axes[key] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise JaxUnlearnError(f"bad grid entry {item!r}: values must be numbers") from None
+    if not axes:
+        raise JaxUnlearnError("empty grid; give at least one NAME=V1,V2,...")
+    names = list(axes)
+    return [make_config(name, **dict(zip(names, combo))) for combo in itertools.product(*axes.values())]
+
+
+def config_dict(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,182 @@
+"""The baseline unlearning methods: each changes only what it should, all run vmapped over K models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunlearn.cli import main
+from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
+from jaxunlearn.training.subsets import steps_per_epoch
+from jaxunlearn.unlearning import (METHODS, SCRUBConfig, UnlearnData, get_method, make_config, parse_grid, scrub,
+                                   unlearn_ensemble, unlearn_grid)
+from jaxunlearn.unlearning.finetune import run_sgd, sgd
+from jaxunlearn.unlearning.salun import forget_gradient, saliency_mask
+from jaxunlearn.unlearning.scrub import retain_batches, scrub_losses
+
+K = 8
+FORGET = np.arange(0, 60, 2)  # 30 points
+RETAIN = np.setdiff1d(np.arange(1437), FORGET)
+
+
+@pytest.fixture(scope="module")
+def mlps(digits):
+    recipe = RECIPES["digits-mlp"].with_epochs(4)
+    masks = np.ones((K, digits.n_train), bool)
+    tr = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std, steps_per_epoch(masks, 64))
+    fns = EnsembleFns(tr, K, K)
+    states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
+                               np.arange(K), 0, recipe.epochs, fns=fns)
+    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply)
+    logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
+    return tr, fns, states, data, logits
+
+
+def _run(mlps, method, cfg=None, data=None, targets=None):
+    tr, fns, states, d, logits = mlps
+    m = get_method(method)
+    cfg = cfg or make_config(method, epochs=1)
+    t = logits if m.targets else targets
+    keys = jax.random.split(jax.random.key(3), K)
+    return unlearn_ensemble(m.fn, states.params, states.batch_stats, data or d, FORGET, RETAIN, t, keys, cfg)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_unlearns_all_models_in_one_vmapped_call(mlps, method):
+    tr, fns, states, data, logits = mlps
+    p, s, cost = _run(mlps, method)
+    assert cost.shape == (K,) and bool(jnp.all(cost > 0))
+    leaves = jax.tree.leaves(p)
+    assert all(x.shape[0] == K and bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(leaves, jax.tree.leaves(states.params))]
+    assert max(moved) > 0  # every method changes the models
+    if method not in ("neggrad+", "salun"):
+        return
+    # each model is unlearned independently of the others (same result when run on 2 of them)
+    keys = jax.random.split(jax.random.key(3), K)
+    m = get_method(method)
+    p2, _, _ = unlearn_ensemble(m.fn, jax.tree.map(lambda t: t[:2], states.params),
+                                jax.tree.map(lambda t: t[:2], states.batch_stats), data, FORGET, RETAIN,
+                                logits[:2] if m.targets else None, keys[:2], make_config(method, epochs=1))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-5), p, p2)
+
+
+def test_gradient_ascent_raises_forget_loss_and_gd_leaves_forget_points_alone(mlps):
+    tr, fns, states, data, logits = mlps
+    # poison the forget images: any gradient or forward pass through a forget point turns params NaN
+    poisoned = data.replace(images=data.images.at[FORGET].set(jnp.nan))
+    for method in ("gd", "l1-sparse"):  # retain-only methods never touch a forget point
+        p, _, _ = _run(mlps, method, make_config(method, epochs=2), data=poisoned)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p)), method
+    for method in ("ga", "neggrad+", "scrub", "random-labels"):  # the test can fail: these do use F
+        p, _, _ = _run(mlps, method, data=poisoned)
+        assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p)), method
+    p, s, _ = _run(mlps, "ga", make_config("ga", epochs=4, lr=0.05))
+    new = fns.logits(p, s, jnp.asarray(data.images))
+    ce = lambda lg: -jnp.take_along_axis(jax.nn.log_softmax(lg[:, FORGET]), data.labels[FORGET][None, :, None], 2).mean()  # noqa: E731
+    assert float(ce(new)) > 1.5 * float(ce(logits)), (float(ce(new)), float(ce(logits)))
+
+
+def test_salun_leaves_unmasked_weights_bit_identical(mlps):
+    tr, fns, states, data, logits = mlps
+    cfg = make_config("salun", epochs=1, saliency_fraction=0.3)
+    p, _, _ = _run(mlps, "salun", cfg)
+    one = lambda t, i=0: jax.tree.map(lambda x: x[i], t)  # noqa: E731
+    grads = forget_gradient(one(states.params), one(states.batch_stats), data, jnp.asarray(FORGET), cfg.batch_size)
+    mask = saliency_mask(grads, cfg.saliency_fraction)
+    sizes = sum(x.size for x in jax.tree.leaves(mask))
+    assert sum(int(x.sum()) for x in jax.tree.leaves(mask)) == round(0.3 * sizes)
+    changed = 0
+    for new, old, m in zip(jax.tree.leaves(one(p)), jax.tree.leaves(one(states.params)), jax.tree.leaves(mask)):
+        same_bits = np.asarray(new).view(np.uint32) == np.asarray(old).view(np.uint32)
+        assert same_bits[~np.asarray(m)].all()  # unmasked: exactly the old bits
+        changed += int((~same_bits[np.asarray(m)]).sum())
+    assert changed > 0.5 * round(0.3 * sizes)  # masked weights do move
+
+
+def test_scrub_without_max_steps_is_its_min_step_finetune(mlps):
+    tr, fns, states, data, logits = mlps
+    one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+    params, bstats = one(states.params), one(states.batch_stats)
+    key = jax.random.key(11)
+    f, r = jnp.asarray(FORGET, jnp.int32), jnp.asarray(RETAIN, jnp.int32)
+    cfg = SCRUBConfig(epochs=2, max_steps=0, retain_per_epoch=256)
+    a, _, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg))(params, bstats)
+
+    def by_hand(p, s):
+        min_loss, _ = scrub_losses(data, p, s, cfg)
+        batches, steps = retain_batches(r, 256, cfg.batch_size)
+        return run_sgd(p, s, cfg, batches, steps, min_loss, key, sgd(cfg, cfg.epochs * steps))[0]
+
+    b = jax.jit(by_hand)(params, bstats)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    # with max-steps the student is pushed away from the teacher on F
+    c, s_c, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=2, lr=0.02)))(
+        params, bstats)
+    lg = lambda p, s: tr.logits(p, s, jnp.asarray(data.images[FORGET]))  # noqa: E731
+    assert float(jnp.abs(lg(c, s_c) - lg(params, bstats)).mean()) > float(jnp.abs(lg(a, bstats) - lg(params, bstats)).mean())
+    # max_steps beyond epochs means every epoch starts with a max pass (as the reference's `epoch <= msteps`)
+    d, _, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=5, lr=0.02)))(params, bstats)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), c, d)
+
+
+def test_a_grid_of_configs_is_one_vmapped_call_equal_to_separate_calls(mlps):
+    tr, fns, states, data, logits = mlps
+    configs = parse_grid("neggrad+", ["lr=0.005,0.02", "beta=0.9,0.99", "epochs=1"])
+    assert len(configs) == 4 and configs[3].lr == 0.02 and configs[3].beta == 0.99
+    keys = jax.random.split(jax.random.key(3), K)
+    m = get_method("neggrad+")
+    grid = unlearn_grid(m.fn, states.params, states.batch_stats, data, FORGET, RETAIN, None, keys, configs)
+    for c, (p, s, cost) in zip(configs, grid):
+        q, _, cost1 = unlearn_ensemble(m.fn, states.params, states.batch_stats, data, FORGET, RETAIN, None, keys, c)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p, q)
+        np.testing.assert_array_equal(cost, cost1)
+    assert float(jnp.abs(jax.tree.leaves(grid[0][0])[0] - jax.tree.leaves(grid[3][0])[0]).max()) > 0
+
+
+def test_bad_methods_and_grids_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(JaxUnlearnError, match="unknown method 'magic'"):
+        get_method("magic")
+    with pytest.raises(JaxUnlearnError, match="ga has no hyperparameter 'beta'"):
+        parse_grid("ga", ["beta=0.5"])
+    with pytest.raises(JaxUnlearnError, match="values must be numbers"):
+        parse_grid("gd", ["lr=fast"])
+    with pytest.raises(JaxUnlearnError, match="write NAME=V1,V2"):
+        parse_grid("gd", ["lr"])
+    with pytest.raises(JaxUnlearnError, match="epochs must be an integer"):
+        parse_grid("gd", ["epochs=1.5"])
+    with pytest.raises(JaxUnlearnError, match="epochs must be positive"):
+        parse_grid("gd", ["epochs=0"])
+    with pytest.raises(JaxUnlearnError, match="empty grid"):
+        parse_grid("gd", [])
+    with pytest.raises(JaxUnlearnError, match="saliency_fraction must lie in"):
+        make_config("salun", saliency_fraction=1.5)
+    out = tmp_path / "o"
+    assert main(["sweep", "--method", "magic", "--grid", "lr=0.1", "--out", str(out), "--no-progress"]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+    assert main(["sweep", "--method", "gd", "--grid", "lr=0.1", "momentum=x", "--out", str(out), "--no-progress"]) == 2
+    assert "values must be numbers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_experiment_configs_parse(tmp_path):
+    import json
+    import os
+
+    from jaxunlearn.pipeline.config import PipelineConfig
+
+    exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    for name in ("cifar10_paper.json", "cifar10_mini.json"):
+        cfg = PipelineConfig.from_json(os.path.join(exp, name))
+        assert set(cfg.methods) == set(METHODS) | {"none", "dm-direct"}
+        for m in METHODS:
+            cfg.method_config(m)
+    with open(os.path.join(exp, "cifar10_baseline_grid.json")) as f:
+        grid = json.load(f)
+    assert set(grid["grids"]) == set(METHODS)
+    for m, items in grid["grids"].items():
+        assert len(parse_grid(m, items)) >= 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method_overrides": {"ga": {"beta": 0.5}}}))
+    with pytest.raises(JaxUnlearnError, match="ga has no hyperparameter 'beta'"):
+        PipelineConfig.from_json(str(bad))
