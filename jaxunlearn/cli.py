@@ -146,10 +146,9 @@ def cmd_sweep(args) -> int:
     from jaxunlearn.pipeline.config import PipelineConfig
     from jaxunlearn.pipeline.demo import DEMO, QUICK
     from jaxunlearn.pipeline.unlearn import run_sweep
-    from jaxunlearn.unlearning import get_method, parse_grid
+    from jaxunlearn.unlearning import parse_grid
 
-    get_method(args.method)
-    configs = parse_grid(args.method, args.grid)  # bad names / values fail before any training
+    configs = parse_grid(args.method, args.grid)  # bad methods / names / values fail before any training
     cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
     if args.forget:
         cfg = dataclasses.replace(cfg, forget_sets=tuple(args.forget)).validate()
@@ -163,7 +162,7 @@ def cmd_evaluate(args) -> int:
 
     import numpy as np
 
-    from jaxunlearn.metrics.klom import klom, klom_summary
+    from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
     from jaxunlearn.training import load_run
 
     oracle = load_run(args.oracle)
@@ -176,8 +175,7 @@ def cmd_evaluate(args) -> int:
     n, n_test = cfg["n_train"], cfg["n_test"]
     if margins.ndim != 2 or margins.shape[1] != n + n_test:
         raise JaxUnlearnError(f"--margins must be [models, {n + n_test}] (train then test points), got {margins.shape}")
-    f_idx = np.asarray(cfg["run"]["forget"])
-    groups = {"forget": f_idx, "retain": np.setdiff1d(np.arange(n), f_idx), "val": n + np.arange(n_test)}
+    groups = klom_groups(cfg["run"]["forget"], n, n_test)
     summary = klom_summary(klom(oracle["margins"], margins), groups)
     print(json.dumps({"klom": summary}, indent=2))
     return 0

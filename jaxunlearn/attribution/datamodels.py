@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.training.subsets import check_indices
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -29,16 +30,24 @@ class Datamodels(NamedTuple):
         return jnp.dot(jnp.asarray(masks, jnp.float32), self.weights.T, precision=HIGHEST) + self.bias
 
 
+def _check_models(m_masks: int, m_outputs: int, what: str) -> None:
+    if m_masks != m_outputs:
+        raise JaxUnlearnError(f"{what}: masks have {m_masks} models but outputs {m_outputs}")
+    if m_masks < 2:
+        raise JaxUnlearnError(f"{what}: need at least 2 models, got {m_masks}")
+
+
+def _check_finite(outputs, what: str) -> None:
+    if not bool(jnp.all(jnp.isfinite(outputs))):
+        raise JaxUnlearnError(f"{what}: outputs contain NaN or inf")
+
+
 def check_fit_inputs(masks, outputs, what: str = "datamodels"):
     masks = jnp.asarray(masks, jnp.float32)
     outputs = jnp.asarray(outputs, jnp.float32)
     chex.assert_rank([masks, outputs], 2)
-    if masks.shape[0] != outputs.shape[0]:
-        raise JaxUnlearnError(f"{what}: masks have {masks.shape[0]} models but outputs {outputs.shape[0]}")
-    if masks.shape[0] < 2:
-        raise JaxUnlearnError(f"{what}: need at least 2 models, got {masks.shape[0]}")
-    if not bool(jnp.all(jnp.isfinite(outputs))):
-        raise JaxUnlearnError(f"{what}: outputs contain NaN or inf")
+    _check_models(masks.shape[0], outputs.shape[0], what)
+    _check_finite(outputs, what)
     return masks, outputs
 
 
@@ -88,26 +97,38 @@ def default_lambdas(masks, num: int = 13):
     return jnp.asarray(scale * np.logspace(-4, 2, num), jnp.float32)
 
 
+def _lambda_selector(x, lams, val_fraction: float, seed: int):
+    """``select(y f32[M, T]) -> λ f32[T]``: per target, the candidate of ``lams`` with the least squared
+    error on held-out models (a seeded ``val_fraction`` of the M models), fitted on the rest. The
+    factorisation of the fitting models is computed once, here, and shared by every call."""
+    if lams.size == 1:
+        return lambda y: jnp.full((y.shape[1],), lams.reshape(()))
+    m = x.shape[0]
+    nv = max(1, int(round(val_fraction * m)))
+    if m - nv < 2:
+        raise JaxUnlearnError(f"datamodels: {m} models are too few to hold out {nv} for choosing λ")
+    perm = np.random.default_rng(seed).permutation(m)
+    fit, val = perm[nv:], perm[:nv]
+    xm = x[fit].mean(0)
+    p, s, g = _factor(x[fit] - xm)
+    xv = x[val] - xm
+
+    def select(y):
+        ym = y[fit].mean(0)
+        q = jnp.dot(g, y[fit] - ym, precision=HIGHEST)
+        return lams[jnp.argmin(_ridge_val_errors(p, s, q, xv, y[val] - ym, lams), axis=0)]
+
+    return select
+
+
 def fit_ridge(masks, outputs, lambdas=None, val_fraction: float = 0.1, seed: int = 0) -> Datamodels:
     """Ridge for every target at once; λ chosen per target on held-out models, then refit on all.
 
     masks: [M, n]; outputs: f32[M, T]. ``lambdas``: f32[L] candidates (default: a log grid).
     """
     x, y = check_fit_inputs(masks, outputs)
-    m = x.shape[0]
     lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
-    if lams.size > 1:
-        nv = max(1, int(round(val_fraction * m)))
-        if m - nv < 2:
-            raise JaxUnlearnError(f"datamodels: {m} models are too few to hold out {nv} for choosing λ")
-        perm = np.random.default_rng(seed).permutation(m)
-        fit, val = perm[nv:], perm[:nv]
-        xc, yc, xm, ym = _center(x[fit], y[fit])
-        p, s, q = _spectral_factors(xc, yc)
-        errors = _ridge_val_errors(p, s, q, x[val] - xm, y[val] - ym, lams)
-        lam = lams[jnp.argmin(errors, axis=0)]
-    else:
-        lam = jnp.full((y.shape[1],), lams.reshape(()))
+    lam = _lambda_selector(x, lams, val_fraction, seed)(y)
     xc, yc, xm, ym = _center(x, y)
     p, s, q = _spectral_factors(xc, yc)
     w = _ridge_weights(p, s, q, lam)
@@ -125,42 +146,21 @@ def ridge_forget_effects(masks, outputs, forget_sets, lambdas=None, val_fraction
     """
     x = jnp.asarray(masks, jnp.float32)
     m, n = x.shape
-    if np.shape(outputs)[0] != m:
-        raise JaxUnlearnError(f"datamodels: masks have {m} models but outputs {np.shape(outputs)[0]}")
-    if m < 2:
-        raise JaxUnlearnError(f"datamodels: need at least 2 models, got {m}")
+    _check_models(m, np.shape(outputs)[0], "datamodels")
     ind = np.zeros((len(forget_sets), n), np.float32)
     for k, f in enumerate(forget_sets):
-        f = np.asarray(f)
-        if f.size == 0:
-            raise JaxUnlearnError("forget set is empty")
-        if f.min() < 0 or f.max() >= n:
-            raise JaxUnlearnError(f"forget indices out of range [0, {n})")
-        ind[k, f] = 1.0
+        ind[k, check_indices(f, n)] = 1.0
     lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
-    nv = max(1, int(round(val_fraction * m)))
-    if lams.size > 1 and m - nv < 2:
-        raise JaxUnlearnError(f"datamodels: {m} models are too few to hold out {nv} for choosing λ")
-    perm = np.random.default_rng(seed).permutation(m)
-    fit, val = perm[nv:], perm[:nv]
-    xm_fit, xm_all = x[fit].mean(0), x.mean(0)
-    p_fit, s_fit, g_fit = _factor(x[fit] - xm_fit)
-    xv = x[val] - xm_fit
-    p_all, s_all, g_all = _factor(x - xm_all)
+    select = _lambda_selector(x, lams, val_fraction, seed)
+    p_all, s_all, g_all = _factor(x - x.mean(0))
     a = jnp.dot(jnp.asarray(ind), p_all, precision=HIGHEST)  # [S, r]: Σ_{i∈F} P[i, :]
     t_total = int(np.shape(outputs)[1])
     effects = np.zeros((len(forget_sets), t_total), np.float32)
     lam_out = np.zeros(t_total, np.float32)
     for start in range(0, t_total, chunk):
         y = jnp.asarray(np.asarray(outputs[:, start:start + chunk]), jnp.float32)
-        if not bool(jnp.all(jnp.isfinite(y))):
-            raise JaxUnlearnError("datamodels: outputs contain NaN or inf")
-        if lams.size > 1:
-            yf_mean = y[fit].mean(0)
-            q_fit = jnp.dot(g_fit, y[fit] - yf_mean, precision=HIGHEST)
-            lam = lams[jnp.argmin(_ridge_val_errors(p_fit, s_fit, q_fit, xv, y[val] - yf_mean, lams), axis=0)]
-        else:
-            lam = jnp.full((y.shape[1],), lams.reshape(()))
+        _check_finite(y, "datamodels")
+        lam = select(y)
         q_all = jnp.dot(g_all, y - y.mean(0), precision=HIGHEST)
         effects[:, start:start + chunk] = np.asarray(_effects(a, s_all, q_all, lam))
         lam_out[start:start + chunk] = np.asarray(lam)

@@ -58,6 +58,13 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
     raise JaxUnlearnError(f"KLoM: unknown direction {direction!r}")
 
 
+def klom_groups(forget_idx, n_train: int, n_test: int) -> dict:
+    """The point groups KLoM is reported on, as indices into [train points, then test points]."""
+    forget_idx = np.asarray(forget_idx)
+    return {"forget": forget_idx, "retain": np.setdiff1d(np.arange(n_train), forget_idx),
+            "val": n_train + np.arange(n_test)}
+
+
 def klom_summary(per_point, groups: dict, q: float = 95.0) -> dict:
     """The q-th percentile of per-point KLoM in each named group of point indices, and their mean.
 

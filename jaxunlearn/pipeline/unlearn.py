@@ -23,10 +23,11 @@ import numpy as np
 from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, ridge_forget_effects
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
-from jaxunlearn.metrics.klom import klom, klom_summary
+from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
 from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
+from jaxunlearn.training.run import write_json_atomic
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.mia import mia
@@ -109,9 +110,9 @@ class Prepared:
 
     def __init__(self, cfg: PipelineConfig, out: str, progress: bool = True, log=print):
         cfg.validate()
-        self.cfg, self.out, self.log = cfg, out, log
+        self.cfg = cfg
         self.t0 = time.time()
-        dataset = self.dataset = load_dataset(cfg.dataset, cfg.data_dir)
+        dataset = load_dataset(cfg.dataset, cfg.data_dir)
         recipe = load_recipe(cfg.recipe).with_epochs(cfg.epochs)
         kinds = [parse_forget_spec(s, dataset.n_train)[0] for s in cfg.forget_sets]  # fail before training
         for spec, kind in zip(cfg.forget_sets, kinds):
@@ -152,16 +153,12 @@ class Prepared:
                                   forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
                         f"oracles {spec} (|F|={len(f_idx)})")
             self.oracles[spec] = load_run(o_dir)
+        self.groups = {s: klom_groups(f, self.n, dataset.n_test) for s, f in self.forget.items()}
         self._predicted = {}
-
-    def groups(self, spec):
-        f_idx = self.forget[spec]
-        return {"forget": f_idx, "retain": np.setdiff1d(np.arange(self.n), f_idx),
-                "val": self.n + np.arange(self.dataset.n_test)}
 
     def noise_floor(self, spec):
         o = self.oracles[spec]["margins"]
-        return klom_summary(klom(o[self.k2:], o[:self.k2]), self.groups(spec))
+        return klom_summary(klom(o[self.k2:], o[:self.k2]), self.groups[spec])
 
     def predicted(self, spec):
         """DM-Direct's predicted oracle logits of the unlearned half: f32[K/2, n_train + n_test, C]."""
@@ -178,7 +175,7 @@ class Prepared:
 
     def row(self, spec, method, logits, compute, config=None) -> dict:
         """KLoM vs the held-out oracle half, accuracies, MIA and compute for K/2 models' logits."""
-        g = self.groups(spec)
+        g = self.groups[spec]
         oracle, full = self.oracles[spec]["margins"], self.full["margins"]
         m = np.asarray(margins_from_logits(jnp.asarray(logits), self.labels))
         correct = np.asarray(jnp.asarray(logits).argmax(-1) == self.labels)
@@ -204,9 +201,9 @@ class Prepared:
         else:
             spec_m = get_method(method)
             configs = configs or [self.cfg.method_config(method)]
-            f_idx = self.forget[spec]
-            r_idx = self.groups(spec)["retain"]
-            outs = unlearn_grid(spec_m.fn, self.half["params"], self.half["batch_stats"], self.data, f_idx, r_idx,
+            g = self.groups[spec]
+            outs = unlearn_grid(spec_m.fn, self.half["params"], self.half["batch_stats"], self.data, g["forget"],
+                                g["retain"],
                                 self.targets(spec, spec_m.targets), self.keys, configs)
             rows = []
             for c, (p, s, cost) in zip(configs, outs):
@@ -226,13 +223,6 @@ class Prepared:
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
 
 
-def write_json(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run_pipeline(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> dict:
     prep = Prepared(cfg, out, progress, log)
     results = []
@@ -240,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig, out: str, progress: bool = True, log=print
         for method in cfg.methods:
             results.extend(prep.run_method(spec, method))
     out_json = {**prep.header(), "results": results, "wall_seconds": time.time() - prep.t0}
-    write_json(out_json, os.path.join(out, "results.json"))
+    write_json_atomic(os.path.join(out, "results.json"), out_json)
     from jaxunlearn.pipeline.report import pareto_plot, table
 
     pareto_plot(out_json, os.path.join(out, "pareto.png"))
@@ -291,7 +281,7 @@ def run_sweep(cfg: PipelineConfig, out: str, method: str, configs: list, progres
     res = {**prep.header(), "sweep": {"method": method, "configs": [config_dict(c) for c in configs]},
            "results": rows, "wall_seconds": time.time() - prep.t0}
     name = "sweep-" + safe_name(method)
-    write_json(res, os.path.join(out, name + ".json"))
+    write_json_atomic(os.path.join(out, name + ".json"), res)
     pareto_plot(res, os.path.join(out, name + ".png"))
     log(sweep_table(res))
     return res

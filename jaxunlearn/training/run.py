@@ -113,7 +113,8 @@ def _check_out(out: str, cfg_dict: dict) -> bool:
     return True
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -130,7 +131,7 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
         ckptr.save(os.path.abspath(os.path.join(tmp, "ckpt")),
                    {"params": states.params, "batch_stats": states.batch_stats})
     np.savez(os.path.join(tmp, "outputs.npz"), logits=logits, model_ids=model_ids)
-    _write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    write_json_atomic(os.path.join(tmp, "meta.json"), meta)
     os.rename(tmp, final_dir)  # atomic: the chunk is finished exactly when this name exists
 
 
@@ -182,7 +183,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     os.makedirs(chunks_dir, exist_ok=True)
     if not resuming:
         np.save(os.path.join(out, "masks.npy"), masks)
-        _write_json_atomic(os.path.join(out, "config.json"), run_dict)  # written last: marks the folder as a run
+        write_json_atomic(os.path.join(out, "config.json"), run_dict)  # written last: marks the folder as a run
     for name in os.listdir(chunks_dir):
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(chunks_dir, name))  # a half-written chunk from a killed run
@@ -225,12 +226,12 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     acc_test = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, n:]), labels[n:]))
     np.save(os.path.join(out, "logits.npy"), logits)
     np.save(os.path.join(out, "margins.npy"), margins)
-    _write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})
+    write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})
     summary = {"models": int(logits.shape[0]), "mean_train_accuracy": float(acc_train.mean()),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
                "wall_seconds": wall_seconds,
                "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None}
-    _write_json_atomic(os.path.join(out, "summary.json"), summary)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
     return summary
 
 

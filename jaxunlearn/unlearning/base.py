@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.training.subsets import check_indices
 
 
 class UnlearnData(struct.PyTreeNode):
@@ -40,19 +41,14 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
     retain_idx = jnp.asarray(retain_idx, jnp.int32)
     n = data.labels.shape[0]
     chex.assert_rank([forget_idx, retain_idx], 1)
-    if forget_idx.size == 0:
-        raise JaxUnlearnError("forget set is empty")
-    if retain_idx.size == 0:
-        raise JaxUnlearnError("retain set is empty")
+    check_indices(forget_idx, n, "forget set")  # empty, out of range or repeated: one clear error
+    check_indices(retain_idx, n, "retain set")
     if targets is not None:
         k = jax.tree.leaves(params)[0].shape[0]
         if targets.shape[:2] != (k, n):
             raise JaxUnlearnError(f"targets must be [K={k}, n_train={n}, C], got {tuple(targets.shape)}")
         if not bool(jnp.all(jnp.isfinite(targets))):
             raise JaxUnlearnError("targets contain NaN or inf")
-    for name, idx in (("forget", forget_idx), ("retain", retain_idx)):
-        if int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise JaxUnlearnError(f"{name} indices out of range [0, {n})")
     return forget_idx, retain_idx
 
 

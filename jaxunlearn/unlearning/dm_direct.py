@@ -10,16 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.training.subsets import check_indices
 
 
 def forget_effect(weights, forget_idx):
     """Σ_{i∈F} w_{x,i}. weights: f32[T, n_train] (or [P, C, n_train]) -> f32[T] (or [P, C])."""
-    forget_idx = jnp.asarray(forget_idx)
-    if forget_idx.size == 0:
-        raise JaxUnlearnError("forget set is empty")
-    if int(forget_idx.max()) >= weights.shape[-1] or int(forget_idx.min()) < 0:
-        raise JaxUnlearnError(f"forget indices out of range [0, {weights.shape[-1]})")
-    return jnp.take(weights, forget_idx, axis=-1).sum(-1)
+    forget_idx = check_indices(forget_idx, weights.shape[-1])
+    return jnp.take(weights, jnp.asarray(forget_idx), axis=-1).sum(-1)
 
 
 @jax.jit

@@ -115,9 +115,14 @@ def paired_batches(forget_idx, retain_idx, retain_per_epoch: int, batch: int, fo
     return epoch_batches, steps, steps * (batch + fb)
 
 
+def per_example_ce(logits, labels):
+    """Softmax cross-entropy of each example. logits: f32[B, C], labels: i32[B] -> f32[B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
 def cross_entropy(logits, labels):
     """Mean softmax cross-entropy. logits: f32[B, C], labels: i32[B] -> f32[]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return per_example_ce(logits, labels).mean()
 
 
 def model_ce(data, params, state, idx, labels=None):

@@ -42,7 +42,7 @@ ALL_METHODS = ("none", "oracle-matching", "dm-direct", "dmm", "ga", "gd", "neggr
                "salun", "l1-sparse")
 
 
-UNIT_INTERVAL = {"saliency_fraction": "(0, 1]", "beta": "[0, 1]"}
+UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1)}
 
 
 def get_method(name: str) -> Method:
@@ -73,8 +73,8 @@ def make_config(name: str, **overrides):
             v = float(v)
             if v != v:
                 raise JaxUnlearnError(f"{name}: {k} is NaN")
-            if k in UNIT_INTERVAL and not (0 < v <= 1 if k == "saliency_fraction" else 0 <= v <= 1):
-                raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k]}, got {v}")
+            if k in UNIT_INTERVAL and not UNIT_INTERVAL[k][1](v):
+                raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k][0]}, got {v}")
         clean[k] = v
     return get_method(name).config(**clean)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from jaxunlearn.unlearning.finetune import steps_for
+from jaxunlearn.unlearning.finetune import per_example_ce, steps_for
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, run_random_labels
 
 
@@ -33,8 +33,7 @@ def forget_gradient(params, model_state, data, forget_idx, batch: int):
 
         def loss(params):
             logits, _ = data.apply(params, model_state, data.images[idx], False)
-            lp = jax.nn.log_softmax(logits)
-            return -jnp.sum(w * jnp.take_along_axis(lp, data.labels[idx][:, None], 1)[:, 0])
+            return jnp.sum(w * per_example_ce(logits, data.labels[idx]))
 
         return jax.tree.map(jnp.add, acc, jax.grad(loss)(params)), None
 
@@ -48,7 +47,6 @@ def saliency_mask(grads, fraction: float):
     flat = jnp.concatenate([jnp.abs(g).ravel() for g in leaves])
     k = int(round(fraction * flat.size))
     keep = jnp.zeros(flat.shape, bool).at[jnp.argsort(-flat)[:k]].set(True)
-    sizes = [g.size for g in leaves]
     parts, start = [], 0
     for g in leaves:
         parts.append(keep[start:start + g.size].reshape(g.shape))
