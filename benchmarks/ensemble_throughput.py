@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxunlearn.training.ensemble import EnsembleFns, model_keys, train_ensemble
 from jaxunlearn.training.loop import make_jitted, train_one_by_one
-from jaxunlearn.training.recipe import RECIPES
+from jaxunlearn.training.recipe import load_recipe
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
@@ -108,7 +108,7 @@ def bench(args) -> dict:
     else:
         x, y = synthetic_cifar(args.n_train)
         mean, std = (125.0,) * 3, (63.0,) * 3
-    base = RECIPES[args.recipe]
+    base = load_recipe(args.recipe)
     recipe = base.with_epochs(args.epochs).replace(model=args.model, width=args.width,
                                                      batch_size=args.batch, dtype=args.dtype)
     m = args.models

@@ -7,32 +7,13 @@ import sys
 import time
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.progress import Progress
 from jaxunlearn.unlearning.registry import ALL_METHODS
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line, exit 2
         self.exit(2, f"jaxunlearn: error: {message}\n")
-
-
-class Progress:
-    """A tqdm bar over models: models done, models/s, ETA."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "model"):
-        self.total, self.desc, self.enabled, self.unit, self.bar = total, desc, enabled, unit, None
-
-    def __call__(self, done: float, total: int | None = None) -> None:
-        if self.bar is None:  # created on first progress, so an early error prints only its own line
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, disable=not self.enabled,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total} " + self.unit
-                            + "s [{elapsed}<{remaining}, {rate_fmt}]")
-        self.bar.update(done - self.bar.n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def add_train_args(p):

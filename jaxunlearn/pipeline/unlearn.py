@@ -26,6 +26,7 @@ from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
 from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
+from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
 from jaxunlearn.training.run import write_json_atomic
 from jaxunlearn.training.step import make_trainer
@@ -60,18 +61,12 @@ def safe_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", spec)
 
 
-class _Stage:
-    def __init__(self, progress: bool):
-        self.progress = progress
-
-    def train(self, cfg: RunConfig, dataset, out: str, desc: str):
-        from jaxunlearn.cli import Progress
-
-        bar = Progress(cfg.models, desc, self.progress)
-        try:
-            return train_run(cfg, dataset, out, progress=bar)
-        finally:
-            bar.close()
+def train_with_progress(cfg: RunConfig, dataset, out: str, desc: str, progress: bool) -> dict:
+    bar = Progress(cfg.models, desc, progress)
+    try:
+        return train_run(cfg, dataset, out, progress=bar)
+    finally:
+        bar.close()
 
 
 def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig, forget: dict):
@@ -118,13 +113,12 @@ class Prepared:
         for spec, kind in zip(cfg.forget_sets, kinds):
             if kind != "cluster":
                 make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
-        stage = _Stage(progress)
         os.makedirs(out, exist_ok=True)
         dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
-        stage.train(RunConfig(cfg.dataset, cfg.datamodel_models, recipe, cfg.seed, cfg.alpha, chunk=cfg.chunk),
-                    dataset, dm_dir, "datamodel ensemble")
-        stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
-                    dataset, full_dir, "full models")
+        train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, recipe, cfg.seed, cfg.alpha, chunk=cfg.chunk),
+                            dataset, dm_dir, "datamodel ensemble", progress)
+        train_with_progress(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
+                            dataset, full_dir, "full models", progress)
         dm_run, self.full = load_run(dm_dir), load_run(full_dir)
         self.trainer = trainer_for_run(self.full, dataset)
         full_vars = load_models(full_dir)
@@ -149,9 +143,9 @@ class Prepared:
         self.oracles = {}
         for spec, f_idx in self.forget.items():
             o_dir = os.path.join(out, "oracle-" + safe_name(spec))
-            stage.train(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0,
-                                  forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
-                        f"oracles {spec} (|F|={len(f_idx)})")
+            train_with_progress(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0,
+                                          forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
+                                f"oracles {spec} (|F|={len(f_idx)})", progress)
             self.oracles[spec] = load_run(o_dir)
         self.groups = {s: klom_groups(f, self.n, dataset.n_test) for s, f in self.forget.items()}
         self._predicted = {}
@@ -264,7 +258,6 @@ def run_sweep(cfg: PipelineConfig, out: str, method: str, configs: list, progres
     if not configs:
         raise JaxUnlearnError("empty grid")
     prep = Prepared(cfg, out, progress, log)
-    from jaxunlearn.cli import Progress
     from jaxunlearn.pipeline.report import pareto_plot, sweep_table
 
     rows = []
