@@ -129,8 +129,9 @@ def cmd_sweep(args) -> int:
     from jaxunlearn.pipeline.unlearn import run_sweep
     from jaxunlearn.unlearning import parse_grid
 
-    configs = parse_grid(args.method, args.grid)  # bad methods / names / values fail before any training
     cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
+    # the pipeline's own settings for the method, under the grid; bad names / values fail before any training
+    configs = parse_grid(args.method, args.grid, base=cfg.method_kwargs(args.method))
     if args.forget:
         cfg = dataclasses.replace(cfg, forget_sets=tuple(args.forget)).validate()
     run_sweep(cfg, args.out, args.method, configs, progress=not args.no_progress)

@@ -166,16 +166,24 @@ def test_experiment_configs_parse(tmp_path):
     from jaxunlearn.pipeline.config import PipelineConfig
 
     exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-    for name in ("cifar10_paper.json", "cifar10_mini.json"):
+    for name in ("cifar10_paper.json", "cifar10_mini.json", "cifar10_mini_cpu.json"):
         cfg = PipelineConfig.from_json(os.path.join(exp, name))
         assert set(cfg.methods) == set(METHODS) | {"none", "dm-direct"}
         for m in METHODS:
             cfg.method_config(m)
-    with open(os.path.join(exp, "cifar10_baseline_grid.json")) as f:
-        grid = json.load(f)
-    assert set(grid["grids"]) == set(METHODS)
-    for m, items in grid["grids"].items():
-        assert len(parse_grid(m, items)) >= 6
+    for name in ("cifar10_baseline_grid.json", "cifar10_mini_cpu_grid.json"):
+        with open(os.path.join(exp, name)) as f:
+            grid = json.load(f)
+        assert set(grid["grids"]) == set(METHODS)
+        cfg = PipelineConfig.from_json(os.path.join(exp, grid["pipeline"]))
+        for m, items in grid["grids"].items():
+            assert len(parse_grid(m, items, base=cfg.method_kwargs(m))) >= 6
+    # a sweep starts from the pipeline's settings of the method; the grid overrides only what it names
+    cfg = PipelineConfig(om_retain_per_epoch=512, om_batch_size=128, method_overrides={"gd": {"epochs": 3}})
+    dmm = parse_grid("dmm", ["lr=0.01,0.05"], base=cfg.method_kwargs("dmm"))
+    assert [(c.lr, c.retain_per_epoch, c.batch_size, c.epochs) for c in dmm] == [(0.01, 512, 128, 8), (0.05, 512, 128, 8)]
+    assert parse_grid("gd", ["lr=0.1"], base=cfg.method_kwargs("gd"))[0].epochs == 3
+    assert parse_grid("gd", ["epochs=1"], base=cfg.method_kwargs("gd"))[0].epochs == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method_overrides": {"ga": {"beta": 0.5}}}))
     with pytest.raises(JaxUnlearnError, match="ga has no hyperparameter 'beta'"):

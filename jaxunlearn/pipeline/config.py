@@ -68,10 +68,14 @@ class PipelineConfig:
             self.method_config(name, over)  # unknown methods / hyperparameters fail here
         return self
 
-    def method_config(self, name: str, extra: dict | None = None):
-        """The config a method runs with: its defaults, the om_* fields for OM/DMM, then overrides."""
+    def method_kwargs(self, name: str) -> dict:
+        """This config's hyperparameters for a method: the om_* fields for OM/DMM, then overrides."""
         base = {}
         if name in ("oracle-matching", "dmm"):
             base = {"epochs": self.om_epochs, "lr": self.om_lr, "batch_size": self.om_batch_size,
                     "retain_per_epoch": self.om_retain_per_epoch}
-        return make_config(name, **{**base, **self.method_overrides.get(name, {}), **(extra or {})})
+        return {**base, **self.method_overrides.get(name, {})}
+
+    def method_config(self, name: str, extra: dict | None = None):
+        """The config a method runs with: its defaults, updated by :meth:`method_kwargs` and ``extra``."""
+        return make_config(name, **{**self.method_kwargs(name), **(extra or {})})

@@ -79,8 +79,9 @@ def make_config(name: str, **overrides):
     return get_method(name).config(**clean)
 
 
-def parse_grid(name: str, items) -> list:
-    """``["lr=0.01,0.02", "epochs=2,4"]`` -> the configs of the Cartesian product, in order."""
+def parse_grid(name: str, items, base: dict | None = None) -> list:
+    """``["lr=0.01,0.02", "epochs=2,4"]`` -> the configs of the Cartesian product, in order; fields
+    the grid does not name come from ``base`` (e.g. a pipeline's overrides), then the defaults."""
     axes = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -96,7 +97,8 @@ def parse_grid(name: str, items) -> list:
     if not axes:
         raise JaxUnlearnError("empty grid; give at least one NAME=V1,V2,...")
     names = list(axes)
-    return [make_config(name, **dict(zip(names, combo))) for combo in itertools.product(*axes.values())]
+    return [make_config(name, **{**(base or {}), **dict(zip(names, combo))})
+            for combo in itertools.product(*axes.values())]
 
 
 def config_dict(config) -> dict:
