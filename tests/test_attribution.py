@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, ridge_forget_effects, spearman
+from jaxunlearn.attribution import fit_lasso, fit_ridge, lasso_forget_effect, lds, ridge_forget_effects, spearman
 from jaxunlearn.errors import JaxUnlearnError
 
 
@@ -106,3 +106,26 @@ def test_forget_effects_equal_summed_ridge_weights_without_materialising_them(m,
         ridge_forget_effects(x, y, [np.array([n])])
     with pytest.raises(JaxUnlearnError, match="forget set is empty"):
         ridge_forget_effects(x, y, [np.array([], int)])
+
+
+def test_lasso_forget_effect_sums_lasso_weights_and_keeps_large_self_effects_whole():
+    # each target t is "point t's own output": a large weight on itself, small noise elsewhere (the
+    # shape of a training point's margin as a function of the training set), observed with noise
+    rng = np.random.default_rng(4)
+    m, n, t = 200, 600, 24  # fewer models than points, as with real datamodels
+    x = (rng.random((m, n)) < 0.5).astype(np.float32)
+    w = np.zeros((t, n), np.float32)
+    w[np.arange(t), np.arange(t)] = rng.uniform(2.0, 4.0, t)
+    y = (x @ w.T + 0.5 * rng.normal(size=(m, t))).astype(np.float32)
+    f = np.arange(t)  # forget the points the targets belong to: true effect = each self-weight
+    got = lasso_forget_effect(x, y, f, iters=100, chunk=10)  # 3 chunks of targets
+    whole = fit_lasso(x, y, iters=100)
+    np.testing.assert_allclose(got, np.asarray(whole.weights)[:, f].sum(1), rtol=1e-4, atol=1e-4)
+    truth = w[:, f].sum(1)
+    ridge = np.asarray(fit_ridge(x, y).weights)[:, f].sum(1)
+    slope = lambda est: float(np.dot(est, truth) / np.dot(truth, truth))  # noqa: E731
+    print("slope of predicted on true effect: lasso", slope(got), "ridge", slope(ridge))
+    assert 0.85 < slope(got) < 1.05  # the few large weights survive nearly whole
+    assert slope(ridge) < 0.5 * slope(got)  # ridge: every weight shrunk and spread over the null ones
+    with pytest.raises(JaxUnlearnError, match="out of range"):
+        lasso_forget_effect(x, y, np.array([n]))

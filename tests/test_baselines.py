@@ -188,3 +188,5 @@ def test_experiment_configs_parse(tmp_path):
     bad.write_text(json.dumps({"method_overrides": {"ga": {"beta": 0.5}}}))
     with pytest.raises(JaxUnlearnError, match="ga has no hyperparameter 'beta'"):
         PipelineConfig.from_json(str(bad))
+    with pytest.raises(JaxUnlearnError, match="forget_effects must be 'ridge' or 'lasso', got 'ols'"):
+        PipelineConfig(forget_effects="ols").validate()

@@ -234,6 +234,27 @@ def fit_lasso(masks, outputs, num_lambdas: int = 8, iters: int = 200, val_fracti
     return Datamodels(ws[best, t], bs[best, t], ls[best, t])
 
 
+def lasso_forget_effect(masks, outputs, forget_idx, iters: int = 200, seed: int = 0, chunk: int = 2048,
+                        **kw) -> np.ndarray:
+    """Σ_{i∈F} w_{t,i} of the lasso datamodel (:func:`fit_lasso`) of every target t, ``chunk``
+    targets at a time (the λ path of a chunk holds f32[num_lambdas, chunk, n]).
+
+    Meant for the few targets where a forget set's effect is large, e.g. the forget points' own
+    logits: there ridge's shrinkage of every weight under-predicts the effect several-fold, while
+    the lasso keeps the few large weights nearly whole.
+
+    masks: [M, n]; outputs: f32[M, T]; forget_idx: int[F]. Returns f32[T].
+    """
+    n = np.shape(masks)[1]
+    f = check_indices(forget_idx, n)
+    t_total = int(np.shape(outputs)[1])
+    out = np.zeros(t_total, np.float32)
+    for start in range(0, t_total, chunk):
+        dm = fit_lasso(masks, np.asarray(outputs[:, start:start + chunk]), iters=iters, seed=seed, **kw)
+        out[start:start + chunk] = np.asarray(dm.weights[:, f].sum(1))
+    return out
+
+
 def _ranks(a):
     """Ranks along axis 0 (ties broken by order). a: [M, T] -> f32[M, T]."""
     return jnp.argsort(jnp.argsort(a, axis=0), axis=0).astype(jnp.float32)

@@ -29,6 +29,9 @@ class PipelineConfig:
     om_retain_per_epoch: int = 256
     # per-method hyperparameter overrides, e.g. {"ga": {"lr": 0.001}, "scrub": {"max_steps": 1}}
     method_overrides: dict = dataclasses.field(default_factory=dict)
+    # how DM-Direct/DMM estimate the effect of removing F: "ridge" (every logit of every point), or
+    # "lasso" (the forget points' own logits from lasso datamodels, every other logit from ridge)
+    forget_effects: str = "ridge"
     lasso_targets: int = 100  # lasso is fitted for this many margin targets (LDS comparison)
     lds_points: int = 20000  # ridge LDS on margins of at most this many points (memory: points × n_train)
     lasso_iters: int = 50  # FISTA iterations per λ (warm-started path; on digits 50 and 200 give the same LDS)
@@ -62,6 +65,8 @@ class PipelineConfig:
             raise JaxUnlearnError(f"full_models must be an even number >= 4, got {self.full_models}")
         if self.datamodel_models < 20:
             raise JaxUnlearnError(f"datamodel_models must be >= 20, got {self.datamodel_models}")
+        if self.forget_effects not in ("ridge", "lasso"):
+            raise JaxUnlearnError(f"forget_effects must be 'ridge' or 'lasso', got {self.forget_effects!r}")
         if not self.forget_sets:
             raise JaxUnlearnError("no forget sets given")
         for name, over in self.method_overrides.items():

@@ -2,7 +2,8 @@
 
 Folder layout of ``out/``: ``datamodels/`` (subset run), ``full/`` (K models on S),
 ``oracle-<spec>/`` (K models on S∖F, same seeds: oracle k is "full model k without F"),
-``results.json``, ``pareto.png``. Every run folder resumes.
+``datamodel-fits/`` (datamodel fits, keyed by what they read), ``results.json``, ``pareto.png``.
+Every run folder resumes, and a later run or sweep on the folder reuses the datamodel fit.
 
 Methods unlearn full models 0..K/2-1; OM takes its targets from oracles 0..K/2-1; KLoM compares
 against oracles K/2..K-1, and the noise floor is KLoM between the two oracle halves. The MIA fits
@@ -11,6 +12,7 @@ K/2..K-1 as its held-out negatives.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge, lds, ridge_forget_effects
+from jaxunlearn.attribution import fit_lasso, fit_ridge, lasso_forget_effect, lds, ridge_forget_effects
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
@@ -69,18 +71,14 @@ def train_with_progress(cfg: RunConfig, dataset, out: str, desc: str, progress: 
         bar.close()
 
 
-def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig, forget: dict):
-    """Ridge datamodels of every logit of every point, kept only as each forget set's summed effect
-    (what DM-Direct/DMM need: {spec: f32[P, C]}), and the LDS of ridge and lasso on margins."""
+def datamodel_lds(dm_run: dict, cfg: PipelineConfig) -> dict:
+    """LDS of ridge and lasso datamodels of margins, on the held-out 20 % of the datamodel ensemble."""
     masks = dm_run["masks"].astype(np.float32)
     m = masks.shape[0]
     n_fit = int(round(0.8 * m))
-    logits = dm_run["logits"]  # [M, P, C]
-    p, c = logits.shape[1:]
     margins = dm_run["margins"]
+    p = margins.shape[1]
     t = time.time()
-    effects, _ = ridge_forget_effects(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c),
-                                      [forget[s] for s in forget], seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # LDS of margins on at most lds_points points (all of digits; a sample of CIFAR-10's 60,000)
     lds_pts = np.arange(p) if p <= cfg.lds_points else np.sort(rng.choice(p, cfg.lds_points, replace=False))
@@ -93,11 +91,62 @@ def fit_datamodels(dm_run: dict, dataset, cfg: PipelineConfig, forget: dict):
     lds_lasso = lds(lasso, masks[n_fit:], margins[n_fit:][:, pts])
     lds_ridge_same = lds(ridge_margins._replace(weights=ridge_margins.weights[sub], bias=ridge_margins.bias[sub],
                                                 lam=ridge_margins.lam[sub]), masks[n_fit:], margins[n_fit:][:, pts])
-    effects = {s: jnp.asarray(e.reshape(p, c)) for s, e in zip(forget, effects)}
-    info = {"ridge": lds_ridge, "lasso": lds_lasso, "ridge_on_lasso_points": lds_ridge_same,
+    return {"ridge": lds_ridge, "lasso": lds_lasso, "ridge_on_lasso_points": lds_ridge_same,
             "models_fit": n_fit, "models_heldout": m - n_fit, "ridge_fit_seconds": fit_s,
             "lds_points": int(len(lds_pts)), "lasso_points": int(len(pts))}
-    return effects, info
+
+
+def forget_effects(dm_run: dict, cfg: PipelineConfig, forget: dict) -> dict:
+    """Each forget set's summed datamodel effect on every logit of every point, {spec: f32[P, C]}
+    (what DM-Direct/DMM subtract): ridge datamodels of all logits from one shared factorisation; with
+    ``forget_effects="lasso"`` the forget points' own rows come from lasso datamodels instead."""
+    masks = dm_run["masks"].astype(np.float32)
+    n_fit = int(round(0.8 * masks.shape[0]))
+    logits = dm_run["logits"]  # [M, P, C]
+    p, c = logits.shape[1:]
+    effects, _ = ridge_forget_effects(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c),
+                                      [forget[s] for s in forget], seed=cfg.seed)
+    effects = {s: e.reshape(p, c) for s, e in zip(forget, effects)}
+    if cfg.forget_effects == "lasso":  # the forget points' own logits: where ridge shrinkage hurts most
+        for s, f in forget.items():
+            y = logits[:n_fit][:, f].reshape(n_fit, len(f) * c)
+            effects[s][f] = lasso_forget_effect(masks[:n_fit], y, f, iters=cfg.lasso_iters,
+                                                seed=cfg.seed).reshape(len(f), c)
+    return effects
+
+
+def _cache_path(cache_dir: str, what: dict) -> str:
+    return os.path.join(cache_dir, hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16])
+
+
+def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir: str):
+    """:func:`datamodel_lds` and :func:`forget_effects`, stored under ``cache_dir`` and reused by later
+    runs on the same folder (every sweep starts from the pipeline's fits). Each file is keyed by a
+    hash of everything its fit reads: the datamodel run's config, the fit settings, the forget set."""
+    with open(os.path.join(dm_dir, "config.json")) as f:
+        base = {"run": json.load(f), "seed": cfg.seed}
+    lds_path = _cache_path(cache_dir, {**base, "lds": [cfg.lds_points, cfg.lasso_targets, cfg.lasso_iters]}) + ".json"
+    paths = {s: _cache_path(cache_dir, {**base, "forget": [int(i) for i in f], "effects": cfg.forget_effects,
+                                        "lasso_iters": cfg.lasso_iters}) + ".npy" for s, f in forget.items()}
+    missing = {s: f for s, f in forget.items() if not os.path.isfile(paths[s])}
+    dm_run = load_run(dm_dir) if missing or not os.path.isfile(lds_path) else None
+    os.makedirs(cache_dir, exist_ok=True)
+    t = time.time()
+    if missing:
+        for s, e in forget_effects(dm_run, cfg, missing).items():
+            np.save(paths[s] + ".tmp.npy", np.asarray(e, np.float32))
+            os.replace(paths[s] + ".tmp.npy", paths[s])  # whole or not at all
+    effects_s = time.time() - t
+    if os.path.isfile(lds_path):
+        with open(lds_path) as f:
+            info = {**json.load(f), "cached": True}
+    else:
+        info = datamodel_lds(dm_run, cfg)
+        write_json_atomic(lds_path, info)
+        info["cached"] = False
+    info = {**info, "forget_effects": cfg.forget_effects, "forget_effects_seconds": effects_s,
+            "forget_effects_cached": [s for s in forget if s not in missing]}
+    return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
 
 
 class Prepared:
@@ -119,7 +168,7 @@ class Prepared:
                             dataset, dm_dir, "datamodel ensemble", progress)
         train_with_progress(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
                             dataset, full_dir, "full models", progress)
-        dm_run, self.full = load_run(dm_dir), load_run(full_dir)
+        self.full = load_run(full_dir)
         self.trainer = trainer_for_run(self.full, dataset)
         full_vars = load_models(full_dir)
         self.n, self.k2 = dataset.n_train, cfg.full_models // 2
@@ -129,7 +178,7 @@ class Prepared:
             embeddings = np.asarray(jax.jit(self.trainer.embed)(first["params"], first["batch_stats"],
                                                                 jnp.asarray(dataset.train_images)))
         self.forget = {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
-        self.effects, self.lds_info = fit_datamodels(dm_run, dataset, cfg, self.forget)
+        self.effects, self.lds_info = cached_datamodels(dm_dir, cfg, self.forget, os.path.join(out, "datamodel-fits"))
         log(f"datamodels: LDS ridge {self.lds_info['ridge']:.3f}, lasso {self.lds_info['lasso']:.3f} "
             f"({self.lds_info['models_fit']} models fit, {self.lds_info['models_heldout']} held out)")
         self.labels = jnp.asarray(dataset.all_labels)
@@ -240,7 +289,7 @@ def _earlier_rows(out: str, prep: Prepared) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     same = {k: res["config"].get(k) for k in ("dataset", "recipe", "epochs", "seed", "full_models",
-                                               "datamodel_models", "alpha")}
+                                               "datamodel_models", "alpha", "forget_effects")}
     if same != {k: getattr(prep.cfg, k) for k in same}:
         return {}
     rows: dict = {}
