@@ -84,6 +84,13 @@ def test_sweep_reuses_the_demo_ensembles_and_writes_every_grid_point(demo):
                                 and r["method"] == "none")  # same ensembles, same numbers
     png = os.path.join(out, "sweep-gd.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a grid point that blows up is recorded as diverged; the sweep goes on and plots the rest
+    assert main(["sweep", "--out", out, "--method", "ga", "--grid", "lr=0.001,1e9", "--forget", "random:100",
+                 "--no-progress"]) == 0
+    with open(os.path.join(out, "sweep-ga.json")) as f:
+        ga = [r for r in json.load(f)["results"] if r["method"] == "ga"]
+    assert "diverged_models" not in ga[0] and ga[0]["klom"]["mean"] > 0
+    assert ga[1]["diverged_models"] >= 1 and ga[1]["klom"] is None and ga[1]["compute_fraction"] > 0
 
 
 def test_evaluate_command_scores_margins_against_an_oracle_run(demo, capsys):

@@ -25,12 +25,16 @@ def table(res: dict, with_config: bool = False) -> str:
         for r in res["results"]:
             if r["forget_set"] != spec:
                 continue
+            note = f"  {_config_note(r)}" if with_config else ""
+            if r.get("diverged_models"):
+                lines.append(f"{'':<16}{r['method']:<16}  diverged: NaN/inf outputs in {r['diverged_models']} "
+                             f"model(s){100 * r['compute_fraction']:>17.2f}%{'':>9}" + note)
+                continue
             k, a = r["klom"], r["accuracy"]
-            mia = r.get("mia", {}).get("auc", float("nan"))
+            mia = (r.get("mia") or {}).get("auc", float("nan"))
             lines.append(f"{'':<16}{r['method']:<16}{k['forget']:>12.3f}{k['retain']:>9.3f}{k['val']:>9.3f}"
                          f"{k['mean']:>9.3f}{100 * a['forget']:>7.1f}%{100 * a['retain']:>7.1f}%"
-                         f"{100 * a['test']:>8.1f}%{100 * r['compute_fraction']:>8.2f}%{mia:>9.3f}"
-                         + (f"  {_config_note(r)}" if with_config else ""))
+                         f"{100 * a['test']:>8.1f}%{100 * r['compute_fraction']:>8.2f}%{mia:>9.3f}" + note)
     lines.append(f"LDS of datamodels: ridge {res['lds']['ridge']:.3f}, lasso {res['lds']['lasso']:.3f}")
     return "\n".join(lines)
 
@@ -53,7 +57,7 @@ def pareto_plot(res: dict, path: str) -> None:
     cmap = plt.get_cmap("tab10")
     for ax, spec in zip(axes[0], specs):
         for i, m in enumerate(methods):
-            pts = [r for r in res["results"] if r["forget_set"] == spec and r["method"] == m]
+            pts = [r for r in res["results"] if r["forget_set"] == spec and r["method"] == m and r["klom"]]
             if not pts:
                 continue
             color, marker, size = HIGHLIGHT.get(m, (cmap(i % 10), MARKERS[i % len(MARKERS)], 70))

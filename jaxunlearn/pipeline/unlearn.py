@@ -217,18 +217,25 @@ class Prepared:
         return None
 
     def row(self, spec, method, logits, compute, config=None) -> dict:
-        """KLoM vs the held-out oracle half, accuracies, MIA and compute for K/2 models' logits."""
+        """KLoM vs the held-out oracle half, accuracies, MIA and compute for K/2 models' logits
+        (f32[K/2, n_train + n_test, C]); if any model's logits are NaN/inf, the row says how many
+        diverged and carries no scores."""
         g = self.groups[spec]
         oracle, full = self.oracles[spec]["margins"], self.full["margins"]
-        m = np.asarray(margins_from_logits(jnp.asarray(logits), self.labels))
-        correct = np.asarray(jnp.asarray(logits).argmax(-1) == self.labels)
-        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method,
-             "klom": klom_summary(klom(oracle[self.k2:], m), g),
-             "accuracy": {"forget": float(correct[:, g["forget"]].mean()),
-                          "retain": float(correct[:, g["retain"]].mean()),
-                          "test": float(correct[:, self.n:].mean())},
-             "mia": mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]),
-             "compute_fraction": float(compute)}
+        logits = jnp.asarray(logits)
+        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method}
+        diverged = int((~jnp.isfinite(logits).all(axis=(1, 2))).sum())
+        if diverged:  # a grid point that blew up is a result too: recorded, not fatal to the sweep
+            r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None, compute_fraction=float(compute))
+        else:
+            m = np.asarray(margins_from_logits(logits, self.labels))
+            correct = np.asarray(logits.argmax(-1) == self.labels)
+            r.update(klom=klom_summary(klom(oracle[self.k2:], m), g),
+                     accuracy={"forget": float(correct[:, g["forget"]].mean()),
+                               "retain": float(correct[:, g["retain"]].mean()),
+                               "test": float(correct[:, self.n:].mean())},
+                     mia=mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]),
+                     compute_fraction=float(compute))
         if config is not None:
             r["config"] = config_dict(config)
         return r
