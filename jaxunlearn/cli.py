@@ -163,6 +163,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Every result and sweep of a pipeline folder on one plot, with the Pareto frontier."""
+    from jaxunlearn.pipeline.report import frontier_table, write_report
+
+    res = write_report(args.out)
+    print(frontier_table(res))
+    print(f"-> {os.path.join(args.out, 'frontier.json')}, {os.path.join(args.out, 'frontier.png')}")
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="jaxunlearn", description="Fast JAX machine unlearning: ensembles, datamodels, KLoM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -196,6 +206,10 @@ def build_parser():
     e.add_argument("--oracle", required=True, help="an oracle run folder (train --forget-idx)")
     e.add_argument("--margins", required=True)
     e.set_defaults(func=cmd_evaluate)
+    r = sub.add_parser("report", help="merge a folder's results.json and sweep-*.json: frontier.json + frontier.png "
+                       "(every point, the Pareto frontier, each method's best)")
+    r.add_argument("--out", required=True, help="a pipeline folder")
+    r.set_defaults(func=cmd_report)
     return p
 
 

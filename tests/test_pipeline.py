@@ -91,6 +91,23 @@ def test_sweep_reuses_the_demo_ensembles_and_writes_every_grid_point(demo):
         ga = [r for r in json.load(f)["results"] if r["method"] == "ga"]
     assert "diverged_models" not in ga[0] and ga[0]["klom"]["mean"] > 0
     assert ga[1]["diverged_models"] >= 1 and ga[1]["klom"] is None and ga[1]["compute_fraction"] > 0
+    # one report over the pipeline's rows and both sweeps: every point, the Pareto frontier, each method's best
+    assert main(["report", "--out", out]) == 0
+    with open(os.path.join(out, "frontier.json")) as f:
+        rep = json.load(f)
+    assert rep["sources"] == ["results.json", "sweep-ga.json", "sweep-gd.json"]
+    f = rep["frontier"]["random:100"]
+    assert f["points"] == 11 + 2 + 4 and f["diverged_points"] == 1  # 11 methods, +2 ga, +4 gd (references deduplicated)
+    pts = [r for r in rep["results"] if r["forget_set"] == "random:100" and r["klom"]]
+    for front in (f["pareto"], f["pareto_without_oracle_targets"]):
+        xs, ys = [r["compute_fraction"] for r in front], [r["klom"]["mean"] for r in front]
+        assert xs == sorted(xs) and all(a > b for a, b in zip(ys, ys[1:]))  # cheaper-to-dearer, strictly better
+        for r in pts:  # every point is matched or beaten by a frontier point at no more compute
+            if front is f["pareto"] or r["method"] != "oracle-matching":
+                assert any(x <= r["compute_fraction"] and y <= r["klom"]["mean"] for x, y in zip(xs, ys))
+    assert all(r["method"] != "oracle-matching" for r in f["pareto_without_oracle_targets"])
+    assert f["best_per_method"]["gd"]["klom"]["mean"] == min(r["klom"]["mean"] for r in pts if r["method"] == "gd")
+    assert open(os.path.join(out, "frontier.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_command_scores_margins_against_an_oracle_run(demo, capsys):

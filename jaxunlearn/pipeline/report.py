@@ -1,7 +1,11 @@
 """Human-facing output of the pipeline: a table and the KLoM-vs-compute Pareto plot."""
 from __future__ import annotations
 
+import glob
+import json
 import os
+
+from jaxunlearn.errors import JaxUnlearnError
 
 HIGHLIGHT = {"dmm": ("tab:red", "*", 260), "oracle-matching": ("tab:purple", "P", 180)}
 MARKERS = "osD^v<>ph"
@@ -64,6 +68,10 @@ def pareto_plot(res: dict, path: str) -> None:
             xs = [max(100 * r["compute_fraction"], 0.05) for r in pts]
             ax.scatter(xs, [r["klom"]["mean"] for r in pts], s=size, marker=marker, color=color, label=m,
                        edgecolor="black", linewidth=0.6, zorder=3)
+        front = res.get("frontier", {}).get(spec, {}).get("pareto_without_oracle_targets")
+        if front:  # from `jaxunlearn report`: the frontier of every point, oracle targets excluded
+            ax.step([max(100 * r["compute_fraction"], 0.05) for r in front], [r["klom"]["mean"] for r in front],
+                    where="post", color="black", alpha=0.45, lw=1.5, label="frontier (without oracle targets)")
         ax.axhline(res["noise_floor"][spec]["mean"], color="gray", ls="--", lw=1.2, label="noise floor (oracle vs oracle)")
         ax.set_xscale("log")
         ax.set_xlabel("compute, % of re-training (0 shown at 0.05%)")
@@ -78,3 +86,88 @@ def pareto_plot(res: dict, path: str) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _key(r: dict) -> str:
+    return json.dumps([r["forget_set"], r["method"], r.get("config")], sort_keys=True)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both axes (compute fraction, mean KLoM; lower is better),
+    sorted by compute. Diverged rows (no KLoM) never enter."""
+    pts = sorted((r for r in rows if r.get("klom")), key=lambda r: (r["compute_fraction"], r["klom"]["mean"]))
+    front, best = [], float("inf")
+    for r in pts:
+        if r["klom"]["mean"] < best:
+            front.append(r)
+            best = r["klom"]["mean"]
+    return front
+
+
+def merge_results(out: str) -> dict:
+    """``out/results.json`` and every ``out/sweep-*.json`` made on the same ensembles, as one result
+    (duplicate rows dropped) plus, per forget set, the Pareto frontier over every point and each
+    method's best point. Oracle Matching uses oracle outputs, so the frontier is given with and
+    without it."""
+    paths = sorted(glob.glob(os.path.join(out, "sweep-*.json")))
+    main = os.path.join(out, "results.json")
+    paths = ([main] if os.path.isfile(main) else []) + paths
+    if not paths:
+        raise JaxUnlearnError(f"no results.json or sweep-*.json in {out!r}; run `jaxunlearn pipeline` first")
+    merged, seen = None, set()
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        if merged is None:
+            merged = {k: v for k, v in res.items() if k not in ("results", "sweep", "wall_seconds")}
+            merged["results"], merged["sources"] = [], []
+        elif res["forget_sets"] != {s: merged["forget_sets"][s] for s in res["forget_sets"]
+                                    if s in merged["forget_sets"]} or res["lds"] != merged["lds"]:
+            raise JaxUnlearnError(f"{path} was made on other ensembles or forget sets than {paths[0]}")
+        for s, f in res["forget_sets"].items():
+            merged["forget_sets"].setdefault(s, f)
+            merged["noise_floor"].setdefault(s, res["noise_floor"][s])
+        merged["sources"].append(os.path.basename(path))
+        for r in res["results"]:
+            if _key(r) not in seen:
+                seen.add(_key(r))
+                merged["results"].append(r)
+    summary = {}
+    for spec in merged["noise_floor"]:
+        rows = [r for r in merged["results"] if r["forget_set"] == spec]
+        best = {}
+        for r in rows:
+            if r.get("klom") and (r["method"] not in best or r["klom"]["mean"] < best[r["method"]]["klom"]["mean"]):
+                best[r["method"]] = r
+        summary[spec] = {"pareto": pareto_front(rows),
+                         "pareto_without_oracle_targets": pareto_front([r for r in rows
+                                                                        if r["method"] != "oracle-matching"]),
+                         "best_per_method": best, "points": len(rows),
+                         "diverged_points": sum(1 for r in rows if r.get("diverged_models"))}
+    merged["frontier"] = summary
+    return merged
+
+
+def frontier_table(res: dict) -> str:
+    """Per forget set: each method's best point, marked * if on the frontier without oracle targets."""
+    lines = []
+    for spec, f in res["frontier"].items():
+        on = {_key(r) for r in f["pareto_without_oracle_targets"]}
+        lines.append(f"{spec}: {f['points']} points ({f['diverged_points']} diverged), noise floor "
+                     f"{res['noise_floor'][spec]['mean']:.3f}; best point of each method (* = on the frontier "
+                     "of methods without oracle targets)")
+        for m, r in sorted(f["best_per_method"].items(), key=lambda kv: kv[1]["klom"]["mean"]):
+            lines.append(f"  {'*' if _key(r) in on else ' '} {m:<16}KLoM {r['klom']['mean']:7.3f}  compute "
+                         f"{100 * r['compute_fraction']:6.2f}%  MIA AUC {r['mia']['auc']:.3f}  {_config_note(r)}")
+    return "\n".join(lines)
+
+
+def write_report(out: str) -> dict:
+    """``out/frontier.json`` and ``out/frontier.png`` (every point of every method, one panel per
+    forget set); returns the merged result."""
+    from jaxunlearn.training.run import write_json_atomic
+
+    res = merge_results(out)
+    write_json_atomic(os.path.join(out, "frontier.json"), res)
+    pareto_plot(res, os.path.join(out, "frontier.png"))
+    return res
