@@ -80,7 +80,9 @@ def pareto_plot(res: dict, path: str) -> None:
         ax.set_title(f"{res['dataset']}: forget {spec} (|F|={size})")
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.suptitle(f"Unlearning: KLoM vs compute (lower-left is better) — LDS ridge {res['lds']['ridge']:.2f}")
+    effects = res.get("config", {}).get("forget_effects", "ridge")
+    fig.suptitle(f"Unlearning: KLoM vs compute (lower-left is better) — datamodel LDS ridge {res['lds']['ridge']:.2f}, "
+                 f"lasso {res['lds']['lasso']:.2f}; DM-Direct/DMM effects: {effects}")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
