@@ -70,8 +70,11 @@ def pareto_plot(res: dict, path: str) -> None:
                        edgecolor="black", linewidth=0.6, zorder=3)
         front = res.get("frontier", {}).get(spec, {}).get("pareto_without_oracle_targets")
         if front:  # from `jaxunlearn report`: the frontier of every point, oracle targets excluded
-            ax.step([max(100 * r["compute_fraction"], 0.05) for r in front], [r["klom"]["mean"] for r in front],
-                    where="post", color="black", alpha=0.45, lw=1.5, label="frontier (without oracle targets)")
+            right = max(100 * r["compute_fraction"] for r in res["results"] if r["forget_set"] == spec)
+            xs = [max(100 * r["compute_fraction"], 0.05) for r in front] + [max(right, 0.05)]
+            ys = [r["klom"]["mean"] for r in front]
+            ax.step(xs, ys + ys[-1:], where="post", color="black", alpha=0.45, lw=1.5,
+                    label="frontier (without oracle targets)")
         ax.axhline(res["noise_floor"][spec]["mean"], color="gray", ls="--", lw=1.2, label="noise floor (oracle vs oracle)")
         ax.set_xscale("log")
         ax.set_xlabel("compute, % of re-training (0 shown at 0.05%)")
