@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 from jaxunlearn.attribution import fit_lasso, fit_ridge
+from jaxunlearn.pipeline.unlearn import fitting_models, safe_name
+from jaxunlearn.training.run import write_json_atomic
 
 
 def shift_stats(pred: np.ndarray, true: np.ndarray) -> dict:
@@ -42,14 +44,13 @@ def main(argv=None) -> int:
     masks = np.load(os.path.join(args.out, "datamodels", "masks.npy")).astype(np.float32)
     margins = np.load(os.path.join(args.out, "datamodels", "margins.npy"), mmap_mode="r")
     full = np.load(os.path.join(args.out, "full", "margins.npy"), mmap_mode="r")
-    n_fit = int(round(0.8 * len(masks)))  # the pipeline's split
+    n_fit = fitting_models(len(masks))  # the pipeline's split
     n = masks.shape[1]
     rng = np.random.default_rng(0)
     out = {"datamodel_models_fit": n_fit, "forget_sets": {}}
     for spec, f_idx in res["forget_sets"].items():
         f_idx = np.asarray(f_idx)
-        name = "oracle-" + "".join(c if c.isalnum() or c in "_.-" else "-" for c in spec)
-        oracle = np.load(os.path.join(args.out, name, "margins.npy"), mmap_mode="r")
+        oracle = np.load(os.path.join(args.out, "oracle-" + safe_name(spec), "margins.npy"), mmap_mode="r")
         others = rng.choice(np.setdiff1d(np.arange(n), f_idx), args.others, replace=False)
         pts = np.concatenate([f_idx, others])
         measured = np.asarray(oracle[:, pts]).mean(0) - np.asarray(full[:, pts]).mean(0)
@@ -65,8 +66,7 @@ def main(argv=None) -> int:
                       f"mean shift predicted {s['mean_predicted']:+.3f} vs measured {s['mean_measured']:+.3f}")
         out["forget_sets"][spec] = row
     path = args.json or os.path.join(args.out, "forget_effects.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json_atomic(path, out)
     print("->", path)
     return 0
 

@@ -129,3 +129,6 @@ def test_pipeline_bad_inputs(tmp_path, capsys):
     assert main(["pipeline", "--out", str(tmp_path / "o"), "--forget", "random:0", "--no-progress"]) == 2
     assert "size must lie in" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "no results.json or sweep-*.json in" in capsys.readouterr().err
+    assert not (tmp_path / "frontier.json").exists()

@@ -71,11 +71,16 @@ def train_with_progress(cfg: RunConfig, dataset, out: str, desc: str, progress: 
         bar.close()
 
 
+def fitting_models(m: int) -> int:
+    """How many of ``m`` datamodel models the fits use: the first 80 %; the rest score LDS."""
+    return int(round(0.8 * m))
+
+
 def datamodel_lds(dm_run: dict, cfg: PipelineConfig) -> dict:
     """LDS of ridge and lasso datamodels of margins, on the held-out 20 % of the datamodel ensemble."""
     masks = dm_run["masks"].astype(np.float32)
     m = masks.shape[0]
-    n_fit = int(round(0.8 * m))
+    n_fit = fitting_models(m)
     margins = dm_run["margins"]
     p = margins.shape[1]
     t = time.time()
@@ -101,7 +106,7 @@ def forget_effects(dm_run: dict, cfg: PipelineConfig, forget: dict) -> dict:
     (what DM-Direct/DMM subtract): ridge datamodels of all logits from one shared factorisation; with
     ``forget_effects="lasso"`` the forget points' own rows come from lasso datamodels instead."""
     masks = dm_run["masks"].astype(np.float32)
-    n_fit = int(round(0.8 * masks.shape[0]))
+    n_fit = fitting_models(masks.shape[0])
     logits = dm_run["logits"]  # [M, P, C]
     p, c = logits.shape[1:]
     effects, _ = ridge_forget_effects(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c),
@@ -223,10 +228,11 @@ class Prepared:
         g = self.groups[spec]
         oracle, full = self.oracles[spec]["margins"], self.full["margins"]
         logits = jnp.asarray(logits)
-        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method}
+        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method,
+             "compute_fraction": float(compute)}
         diverged = int((~jnp.isfinite(logits).all(axis=(1, 2))).sum())
         if diverged:  # a grid point that blew up is a result too: recorded, not fatal to the sweep
-            r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None, compute_fraction=float(compute))
+            r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None)
         else:
             m = np.asarray(margins_from_logits(logits, self.labels))
             correct = np.asarray(logits.argmax(-1) == self.labels)
@@ -234,8 +240,7 @@ class Prepared:
                      accuracy={"forget": float(correct[:, g["forget"]].mean()),
                                "retain": float(correct[:, g["retain"]].mean()),
                                "test": float(correct[:, self.n:].mean())},
-                     mia=mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]),
-                     compute_fraction=float(compute))
+                     mia=mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]))
         if config is not None:
             r["config"] = config_dict(config)
         return r
