@@ -1,9 +1,11 @@
 """How well do datamodels predict what removing a forget set does? (The question behind DM-Direct/DMM.)
 
-For every forget set F of a finished pipeline folder, fits ridge and lasso datamodels of the margins
-of (a) the points of F and (b) a sample of other training points, on the same 80 % of the
-datamodel ensemble the pipeline fits on, and compares the predicted shift of removing F,
--Σ_{i∈F} w_i, with the measured one: mean oracle margin − mean full-model margin, per point.
+For every forget set F of a finished pipeline folder, estimates datamodels of the margins of (a) the
+points of F and (b) a sample of other training points by every estimator -- ridge and lasso (on the
+80 % of the datamodel ensemble the pipeline fits them on) and the denoised subsampling influence
+(on every datamodel model, at the threshold the pipeline chose by LDS) -- and compares the predicted
+shift of removing F, -Σ_{i∈F} w_i, with the measured one: mean oracle margin − mean full-model
+margin, per point.
 
     python experiments/forget_effects.py --out runs/mini-cpu [--others 200] [--json FILE]
 
@@ -19,9 +21,9 @@ import sys
 
 import numpy as np
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge
+from jaxunlearn.attribution import fit_lasso, fit_ridge, influence_estimates
 from jaxunlearn.pipeline.unlearn import fitting_models, safe_name
-from jaxunlearn.training.run import write_json_atomic
+from jaxunlearn.utils import write_json_atomic
 
 
 def shift_stats(pred: np.ndarray, true: np.ndarray) -> dict:
@@ -56,13 +58,15 @@ def main(argv=None) -> int:
         measured = np.asarray(oracle[:, pts]).mean(0) - np.asarray(full[:, pts]).mean(0)
         y = np.asarray(margins[:n_fit][:, pts])
         row = {}
+        tau = res["lds_detail"].get("influence_threshold", 0.0)
         for kind, dm in (("ridge", fit_ridge(masks[:n_fit], y)),
-                         ("lasso", fit_lasso(masks[:n_fit], y, iters=args.lasso_iters))):
+                         ("lasso", fit_lasso(masks[:n_fit], y, iters=args.lasso_iters)),
+                         ("influence", influence_estimates(masks, np.asarray(margins[:, pts]), tau))):
             pred = -np.asarray(dm.weights)[:, f_idx].sum(1)
             row[kind] = {"forget_points": shift_stats(pred[:len(f_idx)], measured[:len(f_idx)]),
                          "other_points": shift_stats(pred[len(f_idx):], measured[len(f_idx):])}
             for group, s in row[kind].items():
-                print(f"{spec:14s} {kind:5s} {group:13s} r {s['pearson_r']:+.2f}  slope {s['slope']:.2f}  "
+                print(f"{spec:14s} {kind:9s} {group:13s} r {s['pearson_r']:+.2f}  slope {s['slope']:.2f}  "
                       f"mean shift predicted {s['mean_predicted']:+.3f} vs measured {s['mean_measured']:+.3f}")
         out["forget_sets"][spec] = row
     path = args.json or os.path.join(args.out, "forget_effects.json")

@@ -153,3 +153,117 @@ def test_experiment_recipes_match_the_builtins():
     paper = RECIPES["cifar10-resnet9"]
     assert (paper.model, paper.epochs, paper.batch_size, paper.peak_lr, paper.peak_epoch, paper.momentum,
             paper.weight_decay) == ("resnet9", 24, 512, 0.4, 5, 0.9, 5e-4)
+
+
+# --- run folders that check themselves: checksums of every chunk and of the assembled files ---
+
+def _flip_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def _largest_file(folder):
+    files = [os.path.join(root, f) for root, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def test_damaged_chunks_are_refused_then_retrained_bit_identically(reference_run, tmp_path, capsys):
+    from jaxunlearn.data import load_digits
+    from jaxunlearn.errors import JaxUnlearnError
+    from jaxunlearn.training import load_chunk_variables, load_run
+    from jaxunlearn.training.run import assemble_run
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    chunks = os.path.join(out, "chunks")
+    assert json.load(open(os.path.join(chunks, "00002", "checksums.json")))["outputs.npz"]
+    _flip_byte(os.path.join(chunks, "00002", "outputs.npz"))
+    with pytest.raises(JaxUnlearnError, match=r"chunk 00002 of .* is damaged \(outputs.npz: checksum mismatch\); "
+                                              r"re-run the same `jaxunlearn train` command to re-train it"):
+        load_run(out)
+    # a flipped byte inside the orbax data restores silently (wrong weights); the checksums catch it
+    ckpt_file = _largest_file(os.path.join(chunks, "00001", "ckpt"))
+    _flip_byte(ckpt_file)
+    rel = os.path.relpath(ckpt_file, os.path.join(chunks, "00001"))
+    # load_run reads outputs, not weights: it checks every chunk but the checkpoints, which are
+    # verified when loaded (a 5,000-model ResNet-9 run holds ~130 GB of them)
+    with pytest.raises(JaxUnlearnError, match=r"chunk 00002 of .* is damaged \(outputs.npz"):
+        load_run(out)
+    for load in (lambda: load_chunk_variables(out, 1), lambda: assemble_run(out, load_digits())):
+        with pytest.raises(JaxUnlearnError, match=rf"chunk 00001 of .* is damaged \({rel}: checksum mismatch\)"):
+            load()
+    capsys.readouterr()
+
+    assert main([*TRAIN, "--out", out]) == 0  # what the error message says to do
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"chunk 00001 of {out} is damaged ({rel}: checksum mismatch); re-training it",
+        f"chunk 00002 of {out} is damaged (outputs.npz: checksum mismatch); re-training it"]
+    assert "(4 now)" in captured.out  # exactly the two damaged chunks of 2 models were re-trained
+    run, ref = load_run(out), load_run(reference_run)
+    for name in ("margins", "logits", "masks"):
+        assert np.array_equal(run[name], ref[name]) and run[name].tobytes() == ref[name].tobytes(), name
+    import jax
+    restored, original = load_chunk_variables(out, 1), load_chunk_variables(reference_run, 1)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, restored, original)))
+
+
+def test_chunks_from_before_checksums_are_adopted_not_retrained(reference_run, tmp_path, capsys):
+    from jaxunlearn.training import load_run
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    for c in ("00000", "00003"):
+        os.remove(os.path.join(out, "chunks", c, "checksums.json"))
+    os.remove(os.path.join(out, "checksums.json"))
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", out]) == 0
+    captured = capsys.readouterr()
+    assert "2 chunk(s) of" in captured.err and "had no checksums; recorded them now" in captured.err
+    assert "(0 now)" in captured.out and "damaged" not in captured.err
+    assert np.array_equal(load_run(out)["margins"], load_run(reference_run)["margins"])
+
+
+def test_damaged_assembled_files_are_refused_then_rebuilt_without_training(reference_run, tmp_path, capsys):
+    from jaxunlearn.errors import JaxUnlearnError
+    from jaxunlearn.training import load_run
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    _flip_byte(os.path.join(out, "margins.npy"))
+    with pytest.raises(JaxUnlearnError, match=r"the results of .* are damaged \(margins.npy: checksum mismatch\); "
+                                              r"re-run the same `jaxunlearn train` command to rebuild them"):
+        load_run(out)
+    _flip_byte(os.path.join(out, "masks.npy"))
+    os.remove(os.path.join(out, "checksums.json"))  # e.g. killed while assembling
+    with pytest.raises(JaxUnlearnError, match=r"the results of .* are damaged \(no checksums.json\)"):
+        load_run(out)
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", out]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "(0 now)" in captured.out
+    for name in ("margins.npy", "logits.npy", "masks.npy"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(reference_run, name), "rb").read()
+    load_run(out)
+
+
+def test_checkpoint_that_fails_to_restore_gives_one_clear_error(reference_run, tmp_path):
+    from jaxunlearn.errors import JaxUnlearnError
+    from jaxunlearn.training import load_chunk_variables
+    from jaxunlearn.training.run import file_digests, verify_folder
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    chunk = os.path.join(out, "chunks", "00003")
+    data = _largest_file(os.path.join(chunk, "ckpt"))
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with open(os.path.join(chunk, "checksums.json"), "w") as f:
+        json.dump(file_digests(chunk), f)  # damage the checksums cannot see: orbax's own error is wrapped
+    assert verify_folder(chunk) is None
+    with pytest.raises(JaxUnlearnError, match=r"chunk 00003 of .* is damaged \(checkpoint does not restore: .*\); "
+                                              r"re-run the same `jaxunlearn train` command to re-train it"):
+        load_chunk_variables(out, 3)
+    with pytest.raises(JaxUnlearnError, match=r"chunk 00007 of .* is damaged \(missing\)"):
+        load_chunk_variables(out, 7)

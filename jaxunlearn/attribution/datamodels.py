@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training.subsets import check_indices
+from jaxunlearn.utils import check_indices
 
 HIGHEST = lax.Precision.HIGHEST
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training.subsets import check_indices
+from jaxunlearn.utils import check_indices
 
 
 def _ints(spec: str, parts: list[str], count: int) -> list[int]:

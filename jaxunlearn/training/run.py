@@ -4,22 +4,30 @@ Layout of ``out/``::
 
     config.json            everything needed to reproduce the run
     masks.npy              bool[M, n_train]
-    chunks/00000/          one finished chunk: ckpt/ (orbax: params, batch_stats) and outputs.npz
+    chunks/00000/          one finished chunk: ckpt/ (orbax: params, batch_stats), outputs.npz
+                           (logits, model_ids), meta.json, and checksums.json (sha256 of every other file)
     margins.npy            f32[M, n_train + n_test] (train points first, then test points)
     logits.npy             f32[M, n_train + n_test, C]
     accuracy.json          per-model train/test accuracy
     summary.json           mean accuracies, wall time, models/hour
+    checksums.json         sha256 of masks.npy, margins.npy, logits.npy; written last when assembling
 
 A chunk is written to ``chunks/.tmp-XXXXX`` and renamed when complete, so a killed run
 never leaves a chunk that looks finished; re-running the same command skips finished chunks.
+Run folders check themselves: re-running verifies every finished chunk against its checksums.json
+and re-trains a damaged one (training is deterministic, so the results come out bit-identical);
+:func:`load_run` and :func:`load_chunk_variables` refuse damaged chunks or results with a clear error.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -33,9 +41,13 @@ from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import default_strategy
+from jaxunlearn.utils import write_json_atomic
 from jaxunlearn.training.subsets import random_subset_masks, retain_masks, steps_per_epoch
 
 FORMAT_VERSION = 1
+CHECKSUMS = "checksums.json"
+ASSEMBLED = ("masks.npy", "margins.npy", "logits.npy")  # the run-level files load_run reads, checksummed
+RETRAIN_HINT = "re-run the same `jaxunlearn train` command to"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +125,87 @@ def _check_out(out: str, cfg_dict: dict) -> bool:
     return True
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: str) -> dict[str, str]:
+    """{relative path ("/"-separated): sha256} of every file under ``folder`` but its checksums.json."""
+    rels = [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+            for root, _, files in os.walk(folder) for f in files]
+    return {r: sha256_file(os.path.join(folder, r)) for r in sorted(rels) if r != CHECKSUMS}
+
+
+def verify_folder(folder: str, skip: str | None = None) -> str | None:
+    """What is wrong with ``folder`` against its checksums.json, in a few words; None when every
+    recorded file is there and intact (files added later are not looked at; recorded files under
+    the sub-folder ``skip`` are not read either)."""
+    try:
+        with open(os.path.join(folder, CHECKSUMS)) as f:
+            want = json.load(f)
+    except FileNotFoundError:
+        return f"no {CHECKSUMS}" if os.path.isdir(folder) else "missing"
+    except (OSError, ValueError):
+        want = None
+    if not isinstance(want, dict) or not want:
+        return f"{CHECKSUMS} unreadable"
+    for rel, digest in sorted(want.items()):
+        if skip and rel.startswith(skip + "/"):
+            continue
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{rel}: missing"
+        try:
+            if sha256_file(path) != digest:
+                return f"{rel}: checksum mismatch"
+        except OSError as e:
+            return f"{rel}: unreadable ({e.strerror})"
+    return None
+
+
+def damaged_chunks(out: str, skip: str | None = None) -> dict[str, str]:
+    """{chunk name: problem} of the finished chunks of run ``out`` that fail their checksums
+    (``skip="ckpt"``: all but the checkpoints, which :func:`load_chunk_variables` verifies when read)."""
+    chunks_dir = os.path.join(out, "chunks")
+    names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib hashes outside the GIL
+        problems = pool.map(lambda n: verify_folder(os.path.join(chunks_dir, n), skip), names)
+    return {n: p for n, p in zip(names, problems) if p}
+
+
+def adopt_legacy_chunks(out: str, log: Callable[[str], None]) -> None:
+    """Chunks written before checksums existed (no checksums.json) whose outputs load and whose
+    checkpoint is there get their checksums recorded now, instead of being re-trained."""
+    chunks_dir = os.path.join(out, "chunks")
+    legacy = [n for n in sorted(os.listdir(chunks_dir)) if not n.startswith(".")
+              and not os.path.exists(os.path.join(chunks_dir, n, CHECKSUMS))]
+    adopted = []
+    for name in legacy:
+        folder = os.path.join(chunks_dir, name)
+        try:
+            with np.load(os.path.join(folder, "outputs.npz")) as z:
+                ok = np.isfinite(z["logits"]).all() and len(z["model_ids"]) == len(z["logits"])
+        except Exception:  # noqa: BLE001 - unreadable outputs: leave it to the damaged-chunk path
+            ok = False
+        if ok and os.path.isdir(os.path.join(folder, "ckpt")):
+            write_json_atomic(os.path.join(folder, CHECKSUMS), file_digests(folder))
+            adopted.append(name)
+    if adopted:
+        log(f"{len(adopted)} chunk(s) of {out} written by an older jaxunlearn had no checksums; recorded them now")
+
+
+def _chunk_error(out: str, name: str, problem: str) -> JaxUnlearnError:
+    return JaxUnlearnError(f"chunk {name} of {out!r} is damaged ({problem}); {RETRAIN_HINT} re-train it")
+
+
+def _raise_if_damaged(out: str, skip: str | None = None) -> None:
+    damaged = damaged_chunks(out, skip)
+    if damaged:
+        raise _chunk_error(out, *next(iter(damaged.items())))
 
 
 def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> None:
@@ -132,24 +219,41 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
                    {"params": states.params, "batch_stats": states.batch_stats})
     np.savez(os.path.join(tmp, "outputs.npz"), logits=logits, model_ids=model_ids)
     write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+    write_json_atomic(os.path.join(tmp, CHECKSUMS), file_digests(tmp))
     os.rename(tmp, final_dir)  # atomic: the chunk is finished exactly when this name exists
 
 
 def load_chunk_variables(run_dir: str, chunk: int):
-    """Stacked {"params", "batch_stats"} of one finished chunk (numpy leaves)."""
+    """Stacked {"params", "batch_stats"} of one finished chunk (numpy leaves), verified first."""
     import warnings
 
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sharding info not provided")  # single device: expected
-        return ckptr.restore(os.path.abspath(os.path.join(run_dir, "chunks", f"{chunk:05d}", "ckpt")))
+    chunk_dir = os.path.join(run_dir, "chunks", f"{chunk:05d}")
+    problem = verify_folder(chunk_dir)
+    if problem is None:
+        try:
+            with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sharding info not provided")  # single device: expected
+                return ckptr.restore(os.path.abspath(os.path.join(chunk_dir, "ckpt")))
+        except Exception as e:  # noqa: BLE001 - whatever orbax raises, the user needs the chunk and the fix
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            first_line = first_line if len(first_line) <= 150 else first_line[:150] + "..."
+            problem = f"checkpoint does not restore: {type(e).__name__}: {first_line}"
+    raise _chunk_error(run_dir, f"{chunk:05d}", problem)
 
 
-def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | None = None) -> dict:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | None = None,
+              log: Callable[[str], None] = _stderr) -> dict:
     """Trains (or resumes) the run ``cfg`` into folder ``out``; returns the summary dict.
 
     ``progress(models_done: float, total: int)`` is called after every epoch of every chunk.
+    On resume, each finished chunk that fails its checksums is reported in one line to ``log``,
+    deleted and re-trained.
     """
     cfg.recipe.validate()
     if cfg.models < 1:
@@ -181,12 +285,16 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
 
     chunks_dir = os.path.join(out, "chunks")
     os.makedirs(chunks_dir, exist_ok=True)
+    np.save(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes, and repairs a damaged copy
     if not resuming:
-        np.save(os.path.join(out, "masks.npy"), masks)
         write_json_atomic(os.path.join(out, "config.json"), run_dict)  # written last: marks the folder as a run
     for name in os.listdir(chunks_dir):
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(chunks_dir, name))  # a half-written chunk from a killed run
+    adopt_legacy_chunks(out, log)
+    for name, problem in damaged_chunks(out).items():
+        log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
+        shutil.rmtree(os.path.join(chunks_dir, name))
 
     n_chunks = -(-cfg.models // chunk)
     fns_cache: dict[int, EnsembleFns] = {}
@@ -211,12 +319,18 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         _save_chunk(final, states, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc})
         trained += k
     wall = time.time() - t0
-    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained)
+    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=False)  # just verified
 
 
-def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0) -> dict:
-    """Concatenates finished chunks into margins.npy, logits.npy, accuracy.json and summary.json."""
+def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
+                 verify: bool = True) -> dict:
+    """Concatenates finished chunks (verified first unless ``verify=False``) into margins.npy, logits.npy,
+    accuracy.json and summary.json; then records the checksums of the run-level files."""
+    if verify:
+        _raise_if_damaged(out)
     chunks_dir = os.path.join(out, "chunks")
+    if os.path.exists(os.path.join(out, CHECKSUMS)):
+        os.remove(os.path.join(out, CHECKSUMS))  # until the new files are all written
     names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
     logits = np.concatenate([np.load(os.path.join(chunks_dir, n, "outputs.npz"))["logits"] for n in names])
     labels = jnp.asarray(dataset.all_labels)
@@ -232,15 +346,22 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
                "wall_seconds": wall_seconds,
                "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
+    write_json_atomic(os.path.join(out, CHECKSUMS), {f: sha256_file(os.path.join(out, f)) for f in ASSEMBLED})
     return summary
 
 
 def load_run(out: str) -> dict:
-    """config, masks bool[M, n_train], margins f32[M, n_all], logits f32[M, n_all, C] of a finished run."""
-    need = ["config.json", "masks.npy", "margins.npy", "logits.npy"]
-    missing = [f for f in need if not os.path.isfile(os.path.join(out, f))]
+    """config, masks bool[M, n_train], margins f32[M, n_all], logits f32[M, n_all, C] of a finished run.
+    Raises JaxUnlearnError when these files or any finished chunk fail their checksums."""
+    need = ["config.json", "masks.npy", "margins.npy", "logits.npy", "chunks"]
+    missing = [f for f in need if not os.path.exists(os.path.join(out, f))]
     if missing:
         raise JaxUnlearnError(f"{out!r} is not a finished jaxunlearn run (missing {', '.join(missing)})")
+    problem = verify_folder(out)
+    if problem:
+        raise JaxUnlearnError(f"the results of {out!r} are damaged ({problem}); {RETRAIN_HINT} rebuild them")
+    # every chunk's outputs; its checkpoint (the bulk: ~26 MB a ResNet-9) is verified when it is loaded
+    _raise_if_damaged(out, skip="ckpt")
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     return {"config": config, "masks": np.load(os.path.join(out, "masks.npy")),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import check_indices
 
 
 def random_subset_masks(n: int, models: int, alpha: float, seed: int, first_model: int = 0) -> np.ndarray:
@@ -28,21 +29,6 @@ def random_subset_masks(n: int, models: int, alpha: float, seed: int, first_mode
         else:
             masks[i, np.random.default_rng([seed, first_model + i]).choice(n, size, replace=False)] = True
     return masks
-
-
-def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
-    """int64[k] sorted unique indices in [0, n); raises on empty, out of range, or duplicates."""
-    idx = np.asarray(idx)
-    if idx.ndim != 1 or idx.size == 0:
-        raise JaxUnlearnError(f"{what} is empty")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise JaxUnlearnError(f"{what} indices must be integers, got dtype {idx.dtype}")
-    bad = idx[(idx < 0) | (idx >= n)]
-    if bad.size:
-        raise JaxUnlearnError(f"{what} has indices out of range [0, {n}): {bad[:5].tolist()}")
-    if np.unique(idx).size != idx.size:
-        raise JaxUnlearnError(f"{what} has duplicate indices")
-    return np.sort(idx.astype(np.int64))
 
 
 def retain_masks(n: int, models: int, forget_idx) -> np.ndarray:

@@ -1,0 +1,32 @@
+"""Small helpers shared across the library: index validation and atomic file writes."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxunlearn.errors import JaxUnlearnError
+
+
+def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
+    """int64[k] sorted unique indices in [0, n); raises on empty, out of range, or duplicates."""
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or idx.size == 0:
+        raise JaxUnlearnError(f"{what} is empty")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise JaxUnlearnError(f"{what} indices must be integers, got dtype {idx.dtype}")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:
+        raise JaxUnlearnError(f"{what} has indices out of range [0, {n}): {bad[:5].tolist()}")
+    if np.unique(idx).size != idx.size:
+        raise JaxUnlearnError(f"{what} has duplicate indices")
+    return np.sort(idx.astype(np.int64))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
