@@ -55,7 +55,7 @@ def run_config_from_args(args):
     from jaxunlearn.models import CONV_IMPLS, MODELS
     from jaxunlearn.training import RunConfig, load_recipe
     from jaxunlearn.training.recipe import DEFAULT_RECIPE
-    from jaxunlearn.training.subsets import check_indices
+    from jaxunlearn.utils import check_indices
 
     if args.models < 1:
         raise JaxUnlearnError(f"--models must be >= 1, got {args.models}")
@@ -110,10 +110,9 @@ def cmd_demo(args) -> int:
 def cmd_pipeline(args) -> int:
     import dataclasses
 
-    from jaxunlearn.pipeline.config import PipelineConfig
     from jaxunlearn.pipeline.unlearn import run_pipeline
 
-    cfg = PipelineConfig.from_json(args.config) if args.config else PipelineConfig()
+    cfg = pipeline_config(args)
     over = {"forget_sets": tuple(args.forget) if args.forget else None,
             "methods": tuple(args.methods) if args.methods else None, "data_dir": args.data_dir}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None}).validate()
@@ -121,15 +120,23 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def pipeline_config(args):
+    """The experiment config of ``pipeline`` and ``sweep``: --config FILE (default: the digits demo's, or
+    the quick demo's with --quick), then every --set KEY=VALUE."""
+    from jaxunlearn.pipeline.config import PipelineConfig
+    from jaxunlearn.pipeline.demo import DEMO, QUICK
+
+    cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
+    return cfg.with_overrides(args.set)
+
+
 def cmd_sweep(args) -> int:
     import dataclasses
 
-    from jaxunlearn.pipeline.config import PipelineConfig
-    from jaxunlearn.pipeline.demo import DEMO, QUICK
     from jaxunlearn.pipeline.unlearn import run_sweep
     from jaxunlearn.unlearning import parse_grid
 
-    cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
+    cfg = pipeline_config(args)
     # the pipeline's own settings for the method, under the grid; bad names / values fail before any training
     configs = parse_grid(args.method, args.grid, base=cfg.method_kwargs(args.method))
     if args.forget:
@@ -185,7 +192,10 @@ def build_parser():
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     u = sub.add_parser("pipeline", help="ensembles -> datamodels -> unlearning methods -> KLoM (resumes)")
-    u.add_argument("--config", default=None, help="a pipeline .json (see experiments/); default: the digits demo")
+    u.add_argument("--config", default=None, help="a pipeline .json (see experiments/); default: the digits demo's")
+    u.add_argument("--quick", action="store_true", help="without --config: the quick demo's config (for tests)")
+    u.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override any setting: forget_effects=lasso full_models=100 methods.dmm.lr=0.01")
     u.add_argument("--out", required=True)
     u.add_argument("--data-dir", default=None)
     u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
@@ -199,6 +209,7 @@ def build_parser():
     w.add_argument("--out", required=True, help="a pipeline/demo folder (its ensembles are reused)")
     w.add_argument("--config", default=None, help="pipeline .json; default: the demo's")
     w.add_argument("--quick", action="store_true", help="the quick demo's config (with demo --quick)")
+    w.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="override any setting, as for pipeline")
     w.add_argument("--forget", nargs="+", default=None)
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(func=cmd_sweep)

@@ -36,7 +36,7 @@ def _run(mlps, method, cfg=None, data=None, targets=None):
     tr, fns, states, d, logits = mlps
     m = get_method(method)
     cfg = cfg or make_config(method, epochs=1)
-    t = logits if m.targets else targets
+    t = logits.at[:, FORGET].add(1.0) if m.targets else targets  # matching: targets away from the model's own
     keys = jax.random.split(jax.random.key(3), K)
     return unlearn_ensemble(m.fn, states.params, states.batch_stats, data or d, FORGET, RETAIN, t, keys, cfg)
 
@@ -179,14 +179,52 @@ def test_experiment_configs_parse(tmp_path):
         for m, items in grid["grids"].items():
             assert len(parse_grid(m, items, base=cfg.method_kwargs(m))) >= 6
     # a sweep starts from the pipeline's settings of the method; the grid overrides only what it names
-    cfg = PipelineConfig(om_retain_per_epoch=512, om_batch_size=128, method_overrides={"gd": {"epochs": 3}})
+    cfg = PipelineConfig(method_overrides={"dmm": {"retain_per_epoch": 512, "batch_size": 128},
+                                           "gd": {"epochs": 3}})
     dmm = parse_grid("dmm", ["lr=0.01,0.05"], base=cfg.method_kwargs("dmm"))
-    assert [(c.lr, c.retain_per_epoch, c.batch_size, c.epochs) for c in dmm] == [(0.01, 512, 128, 8), (0.05, 512, 128, 8)]
+    assert [(c.lr, c.retain_per_epoch, c.batch_size, c.epochs) for c in dmm] == [(0.01, 512, 128, 4), (0.05, 512, 128, 4)]
     assert parse_grid("gd", ["lr=0.1"], base=cfg.method_kwargs("gd"))[0].epochs == 3
     assert parse_grid("gd", ["epochs=1"], base=cfg.method_kwargs("gd"))[0].epochs == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method_overrides": {"ga": {"beta": 0.5}}}))
     with pytest.raises(JaxUnlearnError, match="ga has no hyperparameter 'beta'"):
         PipelineConfig.from_json(str(bad))
-    with pytest.raises(JaxUnlearnError, match="forget_effects must be 'ridge' or 'lasso', got 'ols'"):
+    with pytest.raises(JaxUnlearnError, match="forget_effects must be one of influence, ridge, lasso, got 'ols'"):
         PipelineConfig(forget_effects="ols").validate()
+    with pytest.raises(JaxUnlearnError, match="optimizer must be one of adam, sgd"):
+        PipelineConfig(method_overrides={"dmm": {"optimizer": "rmsprop"}}).validate()
+    # the library defaults are the reference code's recipes (Attribute-to-Delete)
+    om, dm = make_config("oracle-matching"), make_config("dmm")
+    assert (om.optimizer, om.lr, om.epochs, om.batch_size, om.forget_multiplier, om.retain_multiplier) == \
+        ("adam", 1e-3, 10, 512, 1, 5.0)
+    assert (dm.optimizer, dm.lr, dm.epochs, dm.batch_size, dm.forget_multiplier, dm.retain_multiplier) == \
+        ("adam", 1e-4, 4, 512, 5, 20.0)
+    assert om.lr_decay == dm.lr_decay == 0.95 and om.weight_decay == dm.weight_decay == 0.0
+
+
+def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_path):
+    import json
+
+    from jaxunlearn.cli import build_parser, pipeline_config
+    from jaxunlearn.pipeline.demo import DEMO, QUICK
+
+    parse = build_parser().parse_args
+    # the same folder is made and swept with the same config, with or without --config / --quick
+    for extra in ([], ["--quick"]):
+        made = pipeline_config(parse(["pipeline", "--out", "x", *extra]))
+        swept = pipeline_config(parse(["sweep", "--out", "x", "--method", "ga", "--grid", "lr=0.1", *extra]))
+        assert made == swept == (QUICK if extra else DEMO)
+    cfg = pipeline_config(parse(["pipeline", "--out", "x", "--set", "forget_effects=lasso", "full_models=100",
+                                 "methods.dmm.lr=0.02", "methods.scrub.epochs=3", "forget_sets=[\"random:5\"]"]))
+    assert (cfg.forget_effects, cfg.full_models, cfg.forget_sets) == ("lasso", 100, ("random:5",))
+    assert cfg.method_config("dmm").lr == 0.02 and cfg.method_config("dmm").epochs == DEMO.method_config("dmm").epochs
+    assert cfg.method_config("scrub").epochs == 3
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"full_models": 8, "method_overrides": {"gd": {"lr": 0.5}}}))
+    cfg = pipeline_config(parse(["sweep", "--config", str(path), "--out", "x", "--method", "gd", "--grid", "lr=1",
+                                 "--set", "methods.gd.epochs=5"]))
+    assert cfg.full_models == 8 and cfg.method_kwargs("gd") == {"lr": 0.5, "epochs": 5}
+    for bad, msg in ((["nonsense=1"], "not a pipeline setting"), (["methods.gd.warp=1"], "gd has no hyperparameter"),
+                     (["forget_effects"], "write KEY=VALUE"), (["methods.dmm.optimizer=lbfgs"], "optimizer must be")):
+        with pytest.raises(JaxUnlearnError, match=msg):
+            pipeline_config(parse(["pipeline", "--out", "x", "--set", *bad]))

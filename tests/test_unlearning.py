@@ -31,7 +31,8 @@ def test_oracle_matching_moves_all_models_toward_their_targets_in_one_call(ensem
     retain = np.arange(40, digits.n_train)
     # targets: every model's own logits, except forget points pushed to "class 0"
     targets = logits.at[:, forget].set(jnp.where(jnp.arange(10) == 0, 8.0, -2.0))
-    cfg = MatchingConfig(retain_per_epoch=128)  # default 8 epochs, lr 0.02
+    cfg = MatchingConfig(optimizer="sgd", lr=0.02, epochs=8, batch_size=64, forget_multiplier=1, retain_per_epoch=128,
+                         weight_decay=5e-4)
     keys = jax.random.split(jax.random.key(0), K)
     p, s, cost = unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, forget, retain,
                                   targets, keys, cfg)
@@ -77,5 +78,5 @@ def test_dm_direct_subtracts_the_forget_weights():
         dm_direct(full, w, np.array([], int))
     with pytest.raises(JaxUnlearnError, match="out of range"):
         dm_direct(full, w, np.array([20]))
-    with pytest.raises(JaxUnlearnError, match="do not match datamodels"):
+    with pytest.raises(JaxUnlearnError, match="do not match the datamodels"):
         dm_direct(full[:, :5], w, f)

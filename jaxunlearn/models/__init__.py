@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.models.adapter import flax_apply
 from jaxunlearn.models.layers import CONV_IMPLS, Conv, ConvBN, im2col_conv, xla_conv
 from jaxunlearn.models.nets import MLP, ResNet9, ResNet18, SmallCNN
 
@@ -24,5 +25,5 @@ def make_model(name: str, num_classes: int, width: float = 1.0, impl: str = "im2
     return MODELS[name](num_classes=num_classes, width=width, impl=impl, dtype=DTYPES[dtype])
 
 
-__all__ = ["MODELS", "make_model", "Conv", "ConvBN", "im2col_conv", "xla_conv", "ResNet9", "ResNet18",
+__all__ = ["flax_apply", "MODELS", "make_model", "Conv", "ConvBN", "im2col_conv", "xla_conv", "ResNet9", "ResNet18",
            "SmallCNN", "MLP", "CONV_IMPLS"]

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 
+from jaxunlearn.attribution.effects import ESTIMATORS
+from jaxunlearn.attribution.influence import DEFAULT_THRESHOLDS
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
 
@@ -23,15 +25,16 @@ class PipelineConfig:
     full_models: int = 64  # K full and K oracle models; methods use the first half, KLoM the second
     forget_sets: tuple[str, ...] = ("random:30", "cluster:10:0")
     methods: tuple[str, ...] = METHODS
-    om_epochs: int = 8  # measured on digits: 8 epochs / lr 0.02 brings OM to the noise floor, 4 / 0.01 does not
-    om_lr: float = 0.02
-    om_batch_size: int = 64
-    om_retain_per_epoch: int = 256
-    # per-method hyperparameter overrides, e.g. {"ga": {"lr": 0.001}, "scrub": {"max_steps": 1}}
+    # per-method hyperparameters over the library defaults (the papers' recipes), e.g.
+    # {"dmm": {"lr": 3e-4, "epochs": 2}, "scrub": {"max_steps": 1}}
     method_overrides: dict = dataclasses.field(default_factory=dict)
-    # how DM-Direct/DMM estimate the effect of removing F: "ridge" (every logit of every point), or
+    # how DM-Direct/DMM estimate the effect of removing F on every logit of every point:
+    # "influence" (subsampling influence, denoised; the reference code's estimator), "ridge", or
     # "lasso" (the forget points' own logits from lasso datamodels, every other logit from ridge)
-    forget_effects: str = "ridge"
+    forget_effects: str = "influence"
+    # soft-threshold multiples (of each estimate's standard error) for the influence estimates;
+    # the one with the best held-out LDS of margins is used
+    influence_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     lasso_targets: int = 100  # lasso is fitted for this many margin targets (LDS comparison)
     lds_points: int = 20000  # ridge LDS on margins of at most this many points (memory: points × n_train)
     lasso_iters: int = 50  # FISTA iterations per λ (warm-started path; on digits 50 and 200 give the same LDS)
@@ -47,7 +50,7 @@ class PipelineConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise JaxUnlearnError(f"pipeline config {path}: unknown keys {sorted(unknown)}")
-        for k in ("forget_sets", "methods"):
+        for k in ("forget_sets", "methods", "influence_thresholds"):
             if k in d:
                 d[k] = tuple(d[k])
         base = os.path.dirname(os.path.abspath(path))  # relative paths are relative to the config file
@@ -65,21 +68,47 @@ class PipelineConfig:
             raise JaxUnlearnError(f"full_models must be an even number >= 4, got {self.full_models}")
         if self.datamodel_models < 20:
             raise JaxUnlearnError(f"datamodel_models must be >= 20, got {self.datamodel_models}")
-        if self.forget_effects not in ("ridge", "lasso"):
-            raise JaxUnlearnError(f"forget_effects must be 'ridge' or 'lasso', got {self.forget_effects!r}")
+        if self.forget_effects not in ESTIMATORS:
+            raise JaxUnlearnError(f"forget_effects must be one of {', '.join(ESTIMATORS)}, got {self.forget_effects!r}")
+        if not self.influence_thresholds or any(not (t >= 0) for t in self.influence_thresholds):
+            raise JaxUnlearnError(f"influence_thresholds must be numbers >= 0, got {self.influence_thresholds}")
         if not self.forget_sets:
             raise JaxUnlearnError("no forget sets given")
         for name, over in self.method_overrides.items():
             self.method_config(name, over)  # unknown methods / hyperparameters fail here
         return self
 
+    def with_overrides(self, items) -> "PipelineConfig":
+        """``["forget_effects=lasso", "full_models=100", "methods.dmm.lr=0.01"]`` (the CLI's ``--set``):
+        a field of this config, or ``methods.M.P`` for hyperparameter P of method M. Values are read
+        as JSON where they parse (numbers, lists, null), else as strings."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict = {}
+        overrides = {m: dict(h) for m, h in self.method_overrides.items()}
+        for item in items or ():
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE, e.g. forget_effects=lasso or methods.dmm.lr=0.01")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] in ("methods", "method_overrides"):
+                overrides.setdefault(parts[1], {})[parts[2]] = value
+            elif len(parts) == 1 and parts[0] in fields:
+                if isinstance(value, list):
+                    value = tuple(value)
+                changes[key] = value
+            else:
+                raise JaxUnlearnError(f"--set {key!r}: not a pipeline setting; choose from "
+                                      f"{', '.join(fields)} or methods.METHOD.HYPERPARAMETER")
+        return dataclasses.replace(self, **changes, method_overrides=overrides).validate()
+
     def method_kwargs(self, name: str) -> dict:
-        """This config's hyperparameters for a method: the om_* fields for OM/DMM, then overrides."""
-        base = {}
-        if name in ("oracle-matching", "dmm"):
-            base = {"epochs": self.om_epochs, "lr": self.om_lr, "batch_size": self.om_batch_size,
-                    "retain_per_epoch": self.om_retain_per_epoch}
-        return {**base, **self.method_overrides.get(name, {})}
+        """This config's hyperparameters for a method (over the method's defaults)."""
+        return dict(self.method_overrides.get(name, {}))
 
     def method_config(self, name: str, extra: dict | None = None):
         """The config a method runs with: its defaults, updated by :meth:`method_kwargs` and ``extra``."""

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.attribution import fit_lasso, fit_ridge, lasso_forget_effect, lds, ridge_forget_effects
+from jaxunlearn.attribution import fit_lasso, fit_ridge, forget_set_effects, influence_lds, lds
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
@@ -30,8 +30,10 @@ from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
-from jaxunlearn.training.run import write_json_atomic
+from jaxunlearn.utils import write_json_atomic
+from jaxunlearn.training.ensemble import map_models
 from jaxunlearn.training.step import make_trainer
+from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.mia import mia
 from jaxunlearn.unlearning import UnlearnData, config_dict, get_method, unlearn_grid
@@ -77,7 +79,8 @@ def fitting_models(m: int) -> int:
 
 
 def datamodel_lds(dm_run: dict, cfg: PipelineConfig) -> dict:
-    """LDS of ridge and lasso datamodels of margins, on the held-out 20 % of the datamodel ensemble."""
+    """LDS of influence, ridge and lasso datamodels of margins, on the held-out 20 % of the
+    datamodel ensemble; the influence soft-threshold with the best LDS is the one used."""
     masks = dm_run["masks"].astype(np.float32)
     m = masks.shape[0]
     n_fit = fitting_models(m)
@@ -96,28 +99,26 @@ def datamodel_lds(dm_run: dict, cfg: PipelineConfig) -> dict:
     lds_lasso = lds(lasso, masks[n_fit:], margins[n_fit:][:, pts])
     lds_ridge_same = lds(ridge_margins._replace(weights=ridge_margins.weights[sub], bias=ridge_margins.bias[sub],
                                                 lam=ridge_margins.lam[sub]), masks[n_fit:], margins[n_fit:][:, pts])
-    return {"ridge": lds_ridge, "lasso": lds_lasso, "ridge_on_lasso_points": lds_ridge_same,
+    by_tau = influence_lds(masks[:n_fit], margins[:n_fit][:, lds_pts], masks[n_fit:], margins[n_fit:][:, lds_pts],
+                           cfg.influence_thresholds)
+    best = int(np.nanargmax(by_tau))
+    return {"influence": float(by_tau[best]), "ridge": lds_ridge, "lasso": lds_lasso,
+            "influence_threshold": float(cfg.influence_thresholds[best]),
+            "influence_by_threshold": {str(t): float(v) for t, v in zip(cfg.influence_thresholds, by_tau)},
+            "ridge_on_lasso_points": lds_ridge_same,
             "models_fit": n_fit, "models_heldout": m - n_fit, "ridge_fit_seconds": fit_s,
             "lds_points": int(len(lds_pts)), "lasso_points": int(len(pts))}
 
 
-def forget_effects(dm_run: dict, cfg: PipelineConfig, forget: dict) -> dict:
+def forget_effects(dm_run: dict, cfg: PipelineConfig, forget: dict, threshold: float) -> dict:
     """Each forget set's summed datamodel effect on every logit of every point, {spec: f32[P, C]}
-    (what DM-Direct/DMM subtract): ridge datamodels of all logits from one shared factorisation; with
-    ``forget_effects="lasso"`` the forget points' own rows come from lasso datamodels instead."""
-    masks = dm_run["masks"].astype(np.float32)
-    n_fit = fitting_models(masks.shape[0])
-    logits = dm_run["logits"]  # [M, P, C]
-    p, c = logits.shape[1:]
-    effects, _ = ridge_forget_effects(masks[:n_fit], logits[:n_fit].reshape(n_fit, p * c),
-                                      [forget[s] for s in forget], seed=cfg.seed)
-    effects = {s: e.reshape(p, c) for s, e in zip(forget, effects)}
-    if cfg.forget_effects == "lasso":  # the forget points' own logits: where ridge shrinkage hurts most
-        for s, f in forget.items():
-            y = logits[:n_fit][:, f].reshape(n_fit, len(f) * c)
-            effects[s][f] = lasso_forget_effect(masks[:n_fit], y, f, iters=cfg.lasso_iters,
-                                                seed=cfg.seed).reshape(len(f), c)
-    return effects
+    (what DM-Direct/DMM subtract), by ``cfg.forget_effects``. Influence uses every datamodel
+    model (its threshold was chosen on the 80/20 split); ridge and lasso are fitted on the 80 %."""
+    masks = dm_run["masks"]
+    m = masks.shape[0] if cfg.forget_effects == "influence" else fitting_models(masks.shape[0])
+    eff = forget_set_effects(masks[:m], dm_run["logits"][:m], list(forget.values()), cfg.forget_effects,
+                             threshold, cfg.seed, cfg.lasso_iters)
+    return dict(zip(forget, eff))
 
 
 def _cache_path(cache_dir: str, what: dict) -> str:
@@ -130,26 +131,31 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     hash of everything its fit reads: the datamodel run's config, the fit settings, the forget set."""
     with open(os.path.join(dm_dir, "config.json")) as f:
         base = {"run": json.load(f), "seed": cfg.seed}
-    lds_path = _cache_path(cache_dir, {**base, "lds": [cfg.lds_points, cfg.lasso_targets, cfg.lasso_iters]}) + ".json"
-    paths = {s: _cache_path(cache_dir, {**base, "forget": [int(i) for i in f], "effects": cfg.forget_effects,
-                                        "lasso_iters": cfg.lasso_iters}) + ".npy" for s, f in forget.items()}
-    missing = {s: f for s, f in forget.items() if not os.path.isfile(paths[s])}
-    dm_run = load_run(dm_dir) if missing or not os.path.isfile(lds_path) else None
+    lds_path = _cache_path(cache_dir, {**base, "lds": [cfg.lds_points, cfg.lasso_targets, cfg.lasso_iters,
+                                                       list(cfg.influence_thresholds)]}) + ".json"
     os.makedirs(cache_dir, exist_ok=True)
-    t = time.time()
-    if missing:
-        for s, e in forget_effects(dm_run, cfg, missing).items():
-            np.save(paths[s] + ".tmp.npy", np.asarray(e, np.float32))
-            os.replace(paths[s] + ".tmp.npy", paths[s])  # whole or not at all
-    effects_s = time.time() - t
+    dm_run = None
     if os.path.isfile(lds_path):
         with open(lds_path) as f:
             info = {**json.load(f), "cached": True}
     else:
+        dm_run = load_run(dm_dir)
         info = datamodel_lds(dm_run, cfg)
         write_json_atomic(lds_path, info)
         info["cached"] = False
-    info = {**info, "forget_effects": cfg.forget_effects, "forget_effects_seconds": effects_s,
+    threshold = info["influence_threshold"]
+    paths = {s: _cache_path(cache_dir, {**base, "forget": [int(i) for i in f], "effects": cfg.forget_effects,
+                                        "lasso_iters": cfg.lasso_iters,
+                                        **({"threshold": threshold} if cfg.forget_effects == "influence" else {})})
+             + ".npy" for s, f in forget.items()}
+    missing = {s: f for s, f in forget.items() if not os.path.isfile(paths[s])}
+    t = time.time()
+    if missing:
+        dm_run = dm_run or load_run(dm_dir)
+        for s, e in forget_effects(dm_run, cfg, missing, threshold).items():
+            np.save(paths[s] + ".tmp.npy", np.asarray(e, np.float32))
+            os.replace(paths[s] + ".tmp.npy", paths[s])  # whole or not at all
+    info = {**info, "forget_effects": cfg.forget_effects, "forget_effects_seconds": time.time() - t,
             "forget_effects_cached": [s for s in forget if s not in missing]}
     return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
 
@@ -184,13 +190,17 @@ class Prepared:
                                                                 jnp.asarray(dataset.train_images)))
         self.forget = {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
         self.effects, self.lds_info = cached_datamodels(dm_dir, cfg, self.forget, os.path.join(out, "datamodel-fits"))
-        log(f"datamodels: LDS ridge {self.lds_info['ridge']:.3f}, lasso {self.lds_info['lasso']:.3f} "
+        log(f"datamodels: LDS influence {self.lds_info['influence']:.3f} (threshold "
+            f"{self.lds_info['influence_threshold']:g}), ridge {self.lds_info['ridge']:.3f}, lasso {self.lds_info['lasso']:.3f} "
             f"({self.lds_info['models_fit']} models fit, {self.lds_info['models_heldout']} held out)")
         self.labels = jnp.asarray(dataset.all_labels)
         self.data = UnlearnData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
                                 self.trainer.apply)
         self.all_images = jnp.asarray(dataset.all_images)
-        self.logits_of = jax.jit(jax.vmap(self.trainer.logits, in_axes=(0, 0, None)))
+        # unlearning and evaluation use the ensemble layout of training (measured per backend and model)
+        self.vmap_width = default_strategy(recipe.model, jax.default_backend(), self.k2).vmap_width
+        self.logits_of = jax.jit(lambda p, s, x: map_models(lambda a: self.trainer.logits(a[0], a[1], x), (p, s),
+                                                            self.vmap_width, self.k2))
         self.full_cost = training_cost(self.full)
         self.half = jax.tree.map(lambda t: t[:self.k2], full_vars)  # the models every method unlearns
         self.keys = jax.random.split(jax.random.key(cfg.seed + 1), self.k2)
@@ -241,6 +251,8 @@ class Prepared:
                                "retain": float(correct[:, g["retain"]].mean()),
                                "test": float(correct[:, self.n:].mean())},
                      mia=mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]))
+        if method in ("dm-direct", "dmm"):
+            r["estimator"] = self.cfg.forget_effects
         if config is not None:
             r["config"] = config_dict(config)
         return r
@@ -258,8 +270,7 @@ class Prepared:
             configs = configs or [self.cfg.method_config(method)]
             g = self.groups[spec]
             outs = unlearn_grid(spec_m.fn, self.half["params"], self.half["batch_stats"], self.data, g["forget"],
-                                g["retain"],
-                                self.targets(spec, spec_m.targets), self.keys, configs)
+                                g["retain"], self.targets(spec, spec_m.targets), self.keys, configs, self.vmap_width)
             rows = []
             for c, (p, s, cost) in zip(configs, outs):
                 logits = self.logits_of(p, s, self.all_images)
@@ -270,7 +281,7 @@ class Prepared:
 
     def header(self) -> dict:
         cfg = self.cfg
-        return {"dataset": cfg.dataset, "lds": {"ridge": self.lds_info["ridge"], "lasso": self.lds_info["lasso"]},
+        return {"dataset": cfg.dataset, "lds": {k: self.lds_info[k] for k in ("influence", "ridge", "lasso")},
                 "lds_detail": self.lds_info, "noise_floor": {s: self.noise_floor(s) for s in self.forget},
                 "forget_sets": {s: [int(i) for i in f] for s, f in self.forget.items()},
                 "ensemble": {"full_models": cfg.full_models, "unlearned": self.k2, "eval_oracles": self.k2,

@@ -11,7 +11,8 @@ forget_idx: i32[f], retain_idx: i32[r] (training indices); targets: f32[n_train,
 logits or None; key: PRNG key; config: the method's ``flax.struct`` config (float fields are
 traced leaves, integer shape/length fields static). cost: f32[] per-example gradient
 evaluations (a forward pass counts 1/3), so compute can be reported as a fraction of
-re-training. :func:`unlearn_ensemble` vmaps a method over K models in one jit;
+re-training. :func:`unlearn_ensemble` maps a method over K models in one jit (vmapped groups, the
+ensemble layout of training);
 :func:`unlearn_grid` also vmaps it over a grid of configs that share their static fields.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training.subsets import check_indices
+from jaxunlearn.training.ensemble import map_models
+from jaxunlearn.utils import check_indices
 
 
 class UnlearnData(struct.PyTreeNode):
@@ -53,18 +55,21 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
 
 
 def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
-                     targets, keys, config) -> tuple[Any, Any, jax.Array]:
-    """Applies ``method`` to K stacked models in one jitted, vmapped call.
+                     targets, keys, config, vmap_width: int | None = None) -> tuple[Any, Any, jax.Array]:
+    """Applies ``method`` to K stacked models in one jitted call.
 
     params / model_state: stacked over K; targets: f32[K, n_train, C] or None; keys: key[K].
+    ``vmap_width``: models vmapped together, groups mapped one after another (the ensemble layout
+    of training, :func:`jaxunlearn.training.ensemble.map_models`; None: all K vmapped; 1: one model
+    at a time, the fast layout for conv nets on CPU and GPU, see benchmarks/RESULTS.md).
     Returns stacked params, model states and cost f32[K].
     """
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
-    return _unlearn_jit(method, config, params, model_state, data, forget_idx, retain_idx, targets, keys)
+    return _unlearn_jit(method, config, vmap_width, params, model_state, data, forget_idx, retain_idx, targets, keys)
 
 
 def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
-                 targets, keys, configs) -> list[tuple[Any, Any, jax.Array]]:
+                 targets, keys, configs, vmap_width: int | None = None) -> list[tuple[Any, Any, jax.Array]]:
     """Applies ``method`` at every config of ``configs`` to all K models.
 
     Configs that share their static fields (epochs, batch sizes...) run as ONE compiled call,
@@ -78,21 +83,27 @@ def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forge
     out: list = [None] * len(configs)
     for idxs in groups.values():
         stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *[configs[i] for i in idxs])
-        p, s, c = _grid_jit(method, stacked, params, model_state, data, forget_idx, retain_idx, targets, keys)
+        p, s, c = _grid_jit(method, vmap_width, stacked, params, model_state, data, forget_idx, retain_idx, targets,
+                            keys)
         for j, i in enumerate(idxs):
             out[i] = jax.tree.map(lambda t: t[j], (p, s, c))
     return out
 
 
-def _unlearn_impl(method, config, params, model_state, data, forget_idx, retain_idx, targets, keys):
-    fn = lambda p, s, t, k: method(p, s, data, forget_idx, retain_idx, t, k, config)  # noqa: E731
-    return jax.vmap(fn, in_axes=(0, 0, None if targets is None else 0, 0))(params, model_state, targets, keys)
+def _unlearn_impl(method, config, vmap_width, params, model_state, data, forget_idx, retain_idx, targets, keys):
+    def one(a):
+        p, s, t, k = a
+        return method(p, s, data, forget_idx, retain_idx, t, k, config)
+
+    k = keys.shape[0]
+    return map_models(one, (params, model_state, targets, keys), vmap_width or k, k)
 
 
-def _grid_impl(method, configs, params, model_state, data, forget_idx, retain_idx, targets, keys):
-    one = lambda c: _unlearn_impl(method, c, params, model_state, data, forget_idx, retain_idx, targets, keys)  # noqa: E731
+def _grid_impl(method, vmap_width, configs, params, model_state, data, forget_idx, retain_idx, targets, keys):
+    one = lambda c: _unlearn_impl(method, c, vmap_width, params, model_state, data, forget_idx, retain_idx,  # noqa: E731
+                                  targets, keys)
     return jax.vmap(one)(configs)
 
 
-_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0,))
-_grid_jit = jax.jit(_grid_impl, static_argnums=(0,))
+_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0, 2))
+_grid_jit = jax.jit(_grid_impl, static_argnums=(0, 1))

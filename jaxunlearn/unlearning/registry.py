@@ -14,7 +14,8 @@ from jaxunlearn.unlearning.ga import GAConfig, gradient_ascent
 from jaxunlearn.unlearning.gd import GDConfig, finetune_retain
 from jaxunlearn.unlearning.l1_sparse import L1SparseConfig, l1_sparse
 from jaxunlearn.unlearning.neggrad_plus import NegGradPlusConfig, neggrad_plus
-from jaxunlearn.unlearning.oracle_matching import MatchingConfig, oracle_matching
+from jaxunlearn.unlearning.oracle_matching import (OPTIMIZERS, DMMConfig, MatchingConfig, OracleMatchingConfig,
+                                                   oracle_matching)
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
 from jaxunlearn.unlearning.salun import SalUnConfig, salun
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
@@ -27,8 +28,8 @@ class Method(NamedTuple):
 
 
 METHODS: dict[str, Method] = {
-    "oracle-matching": Method(oracle_matching, MatchingConfig, "oracle"),
-    "dmm": Method(oracle_matching, MatchingConfig, "datamodel"),
+    "oracle-matching": Method(oracle_matching, OracleMatchingConfig, "oracle"),
+    "dmm": Method(oracle_matching, DMMConfig, "datamodel"),
     "ga": Method(gradient_ascent, GAConfig, None),
     "gd": Method(finetune_retain, GDConfig, None),
     "neggrad+": Method(neggrad_plus, NegGradPlusConfig, None),
@@ -42,7 +43,8 @@ ALL_METHODS = ("none", "oracle-matching", "dm-direct", "dmm", "ga", "gd", "neggr
                "salun", "l1-sparse")
 
 
-UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1)}
+UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1),
+                 "lr_decay": ("(0, 1]", lambda v: 0 < v <= 1)}
 
 
 def get_method(name: str) -> Method:
@@ -52,31 +54,47 @@ def get_method(name: str) -> Method:
 
 
 def hyperparameters(name: str) -> dict[str, type]:
-    """Hyperparameter names of a method and their types (int or float)."""
+    """Hyperparameter names of a method and their types (int, float or str)."""
     return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
+
+
+ZERO_ALLOWED = {"max_steps", "pool_seed"}  # integers that may be 0 (others must be positive)
+CHOICES = {"optimizer": OPTIMIZERS}
 
 
 def make_config(name: str, **overrides):
     """The method's config with ``overrides``; unknown names and wrong types are clear errors."""
     kinds = hyperparameters(name)
+    cls = get_method(name).config
+    zero_ok = ZERO_ALLOWED | ({"retain_per_epoch"} if issubclass(cls, MatchingConfig) else set())
     clean = {}
     for k, v in overrides.items():
         if k not in kinds:
             raise JaxUnlearnError(f"{name} has no hyperparameter {k!r}; it has {', '.join(kinds)}")
-        if kinds[k] is int:
-            if float(v) != int(float(v)):
-                raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v}")
+        if kinds[k] is str:
+            if v not in CHOICES.get(k, (v,)):
+                raise JaxUnlearnError(f"{name}: {k} must be one of {', '.join(CHOICES[k])}, got {v!r}")
+        elif kinds[k] is int:
+            try:
+                ok = float(v) == int(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
             v = int(float(v))
-            if v < 0 or (k != "max_steps" and v == 0):
+            if v < 0 or (k not in zero_ok and v == 0):
                 raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
         else:
-            v = float(v)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise JaxUnlearnError(f"{name}: {k} must be a number, got {v!r}") from None
             if v != v:
                 raise JaxUnlearnError(f"{name}: {k} is NaN")
             if k in UNIT_INTERVAL and not UNIT_INTERVAL[k][1](v):
                 raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k][0]}, got {v}")
         clean[k] = v
-    return get_method(name).config(**clean)
+    return cls(**clean)
 
 
 def parse_grid(name: str, items, base: dict | None = None) -> list:
