@@ -25,7 +25,7 @@ import numpy as np
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import make_forget_set
 from jaxunlearn.pipeline.config import PipelineConfig
-from jaxunlearn.pipeline.demo import DEMO
+from jaxunlearn.pipeline.demo import demo_config
 from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
 from jaxunlearn.training.recipe import load_recipe
 from jaxunlearn.training.step import make_trainer
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
 
-    cfg = PipelineConfig.from_json(args.config) if args.config else DEMO
+    cfg = PipelineConfig.from_json(args.config) if args.config else demo_config()
     ds = load_dataset(args.dataset, args.data_dir)
     recipe = load_recipe(args.recipe).with_epochs(args.epochs)
     k = args.models

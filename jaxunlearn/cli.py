@@ -124,9 +124,9 @@ def pipeline_config(args):
     """The experiment config of ``pipeline`` and ``sweep``: --config FILE (default: the digits demo's, or
     the quick demo's with --quick), then every --set KEY=VALUE."""
     from jaxunlearn.pipeline.config import PipelineConfig
-    from jaxunlearn.pipeline.demo import DEMO, QUICK
+    from jaxunlearn.pipeline.demo import demo_config
 
-    cfg = PipelineConfig.from_json(args.config) if args.config else (QUICK if args.quick else DEMO)
+    cfg = PipelineConfig.from_json(args.config) if args.config else demo_config(args.quick)
     return cfg.with_overrides(args.set)
 
 

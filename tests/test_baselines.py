@@ -206,7 +206,9 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
     import json
 
     from jaxunlearn.cli import build_parser, pipeline_config
-    from jaxunlearn.pipeline.demo import DEMO, QUICK
+    from jaxunlearn.pipeline.demo import demo_config
+
+    DEMO, QUICK = demo_config(), demo_config(quick=True)
 
     parse = build_parser().parse_args
     # the same folder is made and swept with the same config, with or without --config / --quick

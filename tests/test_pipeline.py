@@ -49,9 +49,9 @@ def test_dmm_beats_doing_nothing_and_true_oracle_matching_beats_dmm(demo):
               "noise floor", round(floor["mean"], 3))
         assert mean(spec, "dmm") < mean(spec, "none") and mean(spec, "dm-direct") < mean(spec, "none")
         assert mean(spec, "oracle-matching") < mean(spec, "dmm")
-    # the paper's claim on the random forget set: DM-Direct near the oracle floor at zero compute
-    assert mean("random:100", "dm-direct") < 1.6 * res["noise_floor"]["random:100"]["mean"]
         assert mean(spec, "oracle-matching") < 1.6 * floor["mean"]  # true targets reach near the floor
+    # the paper's claim on the random forget set: DM-Direct near the oracle floor at zero compute
+    assert mean("random:100", "dm-direct") < 1.5 * res["noise_floor"]["random:100"]["mean"]
 
 
 def test_mia_cannot_tell_oracles_from_oracles_but_spots_the_full_models(demo):

@@ -47,6 +47,7 @@ class PipelineConfig:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise JaxUnlearnError(f"cannot read pipeline config {path!r}: {e}") from None
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_note" and the like: comments
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise JaxUnlearnError(f"pipeline config {path}: unknown keys {sorted(unknown)}")

@@ -15,7 +15,7 @@ def _config_note(r: dict) -> str:
     c = r.get("config")
     if not c:
         return ""
-    keys = [k for k in ("lr", "epochs", "beta", "alpha", "max_steps", "l1", "saliency_fraction", "forget_multiplier")
+    keys = [k for k in ("lr", "epochs", "beta", "ce_weight", "alpha", "max_steps", "l1", "saliency_fraction", "forget_multiplier")
             if k in c]
     return " ".join(f"{k}={c[k]:g}" for k in keys)
 

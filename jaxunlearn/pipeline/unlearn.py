@@ -1,4 +1,17 @@
-"""The unlearning pipeline end to end: ensembles -> datamodels -> methods -> KLoM, accuracy, compute.
+"""The unlearning pipeline end to end, as pure steps (each resumed from its files)::
+
+    data     = prepare_data(cfg)                          # 1. data set + recipe; forget specs checked
+    dm, full = train_base_ensembles(cfg, data, out)       # 2. datamodels/ (α-subsets) and full/
+    forget   = make_forget_sets(cfg, ...)                 # 3. {spec: indices}
+    fits     = fit_attribution(cfg, dm, forget, out)      # 4. LDS + forget-set effects (datamodel-fits/)
+    oracles  = train_oracles(cfg, data, forget, out)      # 5. oracle-<spec>/
+    rows     = run_method(exp, spec, method)              # 6. unlearn + evaluate, per forget set and method
+    write_results(out, ...)                               # 7. results.json, pareto.png, the table
+
+:func:`prepare` runs steps 1-5 into an :class:`Experiment` (everything steps 6-7 read);
+:func:`run_pipeline` and :func:`run_sweep` are the two jobs built from them. A new method is one
+file in ``jaxunlearn/unlearning`` and one registry line; a new kind of target is one branch of
+:func:`method_targets`.
 
 Folder layout of ``out/``: ``datamodels/`` (subset run), ``full/`` (K models on S),
 ``oracle-<spec>/`` (K models on S∖F, same seeds: oracle k is "full model k without F"),
@@ -17,6 +30,7 @@ import json
 import os
 import re
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,151 +174,231 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
 
 
-class Prepared:
-    """Everything the methods need, trained (or resumed) once: ensembles, datamodels, forget sets."""
+class Data(NamedTuple):
+    """Step 1's output: the data set and the training recipe."""
 
-    def __init__(self, cfg: PipelineConfig, out: str, progress: bool = True, log=print):
-        cfg.validate()
-        self.cfg = cfg
-        self.t0 = time.time()
-        dataset = load_dataset(cfg.dataset, cfg.data_dir)
-        recipe = load_recipe(cfg.recipe).with_epochs(cfg.epochs)
-        kinds = [parse_forget_spec(s, dataset.n_train)[0] for s in cfg.forget_sets]  # fail before training
-        for spec, kind in zip(cfg.forget_sets, kinds):
-            if kind != "cluster":
-                make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
-        os.makedirs(out, exist_ok=True)
-        dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
-        train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, recipe, cfg.seed, cfg.alpha, chunk=cfg.chunk),
-                            dataset, dm_dir, "datamodel ensemble", progress)
-        train_with_progress(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0, chunk=cfg.chunk),
-                            dataset, full_dir, "full models", progress)
-        self.full = load_run(full_dir)
-        self.trainer = trainer_for_run(self.full, dataset)
-        full_vars = load_models(full_dir)
-        self.n, self.k2 = dataset.n_train, cfg.full_models // 2
-        embeddings = None
-        if "cluster" in kinds:
-            first = jax.tree.map(lambda t: t[0], full_vars)
-            embeddings = np.asarray(jax.jit(self.trainer.embed)(first["params"], first["batch_stats"],
-                                                                jnp.asarray(dataset.train_images)))
-        self.forget = {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
-        self.effects, self.lds_info = cached_datamodels(dm_dir, cfg, self.forget, os.path.join(out, "datamodel-fits"))
-        log(f"datamodels: LDS influence {self.lds_info['influence']:.3f} (threshold "
-            f"{self.lds_info['influence_threshold']:g}), ridge {self.lds_info['ridge']:.3f}, lasso {self.lds_info['lasso']:.3f} "
-            f"({self.lds_info['models_fit']} models fit, {self.lds_info['models_heldout']} held out)")
-        self.labels = jnp.asarray(dataset.all_labels)
-        self.data = UnlearnData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
-                                self.trainer.apply)
-        self.all_images = jnp.asarray(dataset.all_images)
-        # unlearning and evaluation use the ensemble layout of training (measured per backend and model)
-        self.vmap_width = default_strategy(recipe.model, jax.default_backend(), self.k2).vmap_width
-        self.logits_of = jax.jit(lambda p, s, x: map_models(lambda a: self.trainer.logits(a[0], a[1], x), (p, s),
-                                                            self.vmap_width, self.k2))
-        self.full_cost = training_cost(self.full)
-        self.half = jax.tree.map(lambda t: t[:self.k2], full_vars)  # the models every method unlearns
-        self.keys = jax.random.split(jax.random.key(cfg.seed + 1), self.k2)
-        self.oracles = {}
-        for spec, f_idx in self.forget.items():
-            o_dir = os.path.join(out, "oracle-" + safe_name(spec))
-            train_with_progress(RunConfig(cfg.dataset, cfg.full_models, recipe, cfg.seed, 1.0,
-                                          forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), dataset, o_dir,
-                                f"oracles {spec} (|F|={len(f_idx)})", progress)
-            self.oracles[spec] = load_run(o_dir)
-        self.groups = {s: klom_groups(f, self.n, dataset.n_test) for s, f in self.forget.items()}
-        self._predicted = {}
+    dataset: Any
+    recipe: Any
 
-    def noise_floor(self, spec):
-        o = self.oracles[spec]["margins"]
-        return klom_summary(klom(o[self.k2:], o[:self.k2]), self.groups[spec])
 
-    def predicted(self, spec):
-        """DM-Direct's predicted oracle logits of the unlearned half: f32[K/2, n_train + n_test, C]."""
-        if spec not in self._predicted:
-            self._predicted[spec] = jnp.asarray(self.full["logits"][:self.k2]) - self.effects[spec][None]
-        return self._predicted[spec]
+class Experiment(NamedTuple):
+    """Everything the unlearning and evaluation steps read, built by :func:`prepare` from the
+    earlier steps' outputs. K = ``cfg.full_models``; k2 = K/2 models are unlearned."""
 
-    def targets(self, spec, kind):
-        if kind == "oracle":
-            return jnp.asarray(self.oracles[spec]["logits"][:self.k2, :self.n])
-        if kind == "datamodel":
-            return self.predicted(spec)[:, :self.n]
-        return None
+    cfg: PipelineConfig
+    dataset: Any
+    trainer: Any
+    full: dict  # the full-model run (load_run): margins, logits f32[K, P, C], config
+    unlearned: dict  # {"params", "batch_stats"} of full models 0..k2-1, stacked
+    forget: dict  # {spec: i64[f]}
+    groups: dict  # {spec: {"forget", "retain", "val"} point indices}
+    oracles: dict  # {spec: oracle run}
+    effects: dict  # {spec: f32[P, C]} each forget set's summed datamodel effect
+    attribution: dict  # LDS of every estimator and the fit details
+    data: UnlearnData
+    keys: jax.Array  # key[k2], one per unlearned model
+    vmap_width: int  # the ensemble layout of training, for unlearning and evaluation
+    logits_of: Any  # ensemble_logits_fn(trainer, vmap_width, k2)
+    t0: float
 
-    def row(self, spec, method, logits, compute, config=None) -> dict:
-        """KLoM vs the held-out oracle half, accuracies, MIA and compute for K/2 models' logits
-        (f32[K/2, n_train + n_test, C]); if any model's logits are NaN/inf, the row says how many
-        diverged and carries no scores."""
-        g = self.groups[spec]
-        oracle, full = self.oracles[spec]["margins"], self.full["margins"]
-        logits = jnp.asarray(logits)
-        r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method,
-             "compute_fraction": float(compute)}
-        diverged = int((~jnp.isfinite(logits).all(axis=(1, 2))).sum())
-        if diverged:  # a grid point that blew up is a result too: recorded, not fatal to the sweep
-            r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None)
-        else:
-            m = np.asarray(margins_from_logits(logits, self.labels))
-            correct = np.asarray(logits.argmax(-1) == self.labels)
-            r.update(klom=klom_summary(klom(oracle[self.k2:], m), g),
-                     accuracy={"forget": float(correct[:, g["forget"]].mean()),
-                               "retain": float(correct[:, g["retain"]].mean()),
-                               "test": float(correct[:, self.n:].mean())},
-                     mia=mia(m, oracle[self.k2:], full[self.k2:], oracle[:self.k2], g["forget"]))
-        if method in ("dm-direct", "dmm"):
-            r["estimator"] = self.cfg.forget_effects
-        if config is not None:
-            r["config"] = config_dict(config)
-        return r
+    @property
+    def k2(self) -> int:
+        return self.cfg.full_models // 2
 
-    def run_method(self, spec, method: str, configs=None) -> list[dict]:
-        """Rows for ``method`` on one forget set: one per config (default: the pipeline's config).
-        Configs sharing their static fields are unlearned in one vmapped call."""
-        t = time.time()
-        if method == "none":
-            rows = [self.row(spec, "none", self.full["logits"][:self.k2], 0.0)]
-        elif method == "dm-direct":
-            rows = [self.row(spec, method, self.predicted(spec), 0.0)]
-        else:
-            spec_m = get_method(method)
-            configs = configs or [self.cfg.method_config(method)]
-            g = self.groups[spec]
-            outs = unlearn_grid(spec_m.fn, self.half["params"], self.half["batch_stats"], self.data, g["forget"],
-                                g["retain"], self.targets(spec, spec_m.targets), self.keys, configs, self.vmap_width)
-            rows = []
-            for c, (p, s, cost) in zip(configs, outs):
-                logits = self.logits_of(p, s, self.all_images)
-                rows.append(self.row(spec, method, logits, float(cost.mean()) / self.full_cost, c))
-        for r in rows:
-            r["seconds"] = (time.time() - t) / len(rows)
-        return rows
 
-    def header(self) -> dict:
-        cfg = self.cfg
-        return {"dataset": cfg.dataset, "lds": {k: self.lds_info[k] for k in ("influence", "ridge", "lasso")},
-                "lds_detail": self.lds_info, "noise_floor": {s: self.noise_floor(s) for s in self.forget},
-                "forget_sets": {s: [int(i) for i in f] for s, f in self.forget.items()},
-                "ensemble": {"full_models": cfg.full_models, "unlearned": self.k2, "eval_oracles": self.k2,
-                             "datamodel_models": cfg.datamodel_models},
-                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+# ---- the steps -------------------------------------------------------------------------------
+
+def prepare_data(cfg: PipelineConfig) -> Data:
+    """Loads the data set and the recipe; every forget spec that does not need a trained model is
+    checked here, before any training."""
+    cfg.validate()
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    for spec in cfg.forget_sets:
+        if parse_forget_spec(spec, dataset.n_train)[0] != "cluster":
+            make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
+    return Data(dataset, load_recipe(cfg.recipe).with_epochs(cfg.epochs))
+
+
+def train_base_ensembles(cfg: PipelineConfig, data: Data, out: str, progress: bool) -> tuple[str, str]:
+    """The datamodel ensemble (``datamodels/``, α-subsets) and the full models (``full/``)."""
+    os.makedirs(out, exist_ok=True)
+    dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
+    train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, data.recipe, cfg.seed, cfg.alpha,
+                                  chunk=cfg.chunk), data.dataset, dm_dir, "datamodel ensemble", progress)
+    train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0, chunk=cfg.chunk),
+                        data.dataset, full_dir, "full models", progress)
+    return dm_dir, full_dir
+
+
+def make_forget_sets(cfg: PipelineConfig, dataset, trainer, full_vars) -> dict:
+    """{spec: sorted train indices}; ``cluster:K:J`` clusters full model 0's penultimate features."""
+    embeddings = None
+    if any(parse_forget_spec(s, dataset.n_train)[0] == "cluster" for s in cfg.forget_sets):
+        first = jax.tree.map(lambda t: t[0], full_vars)
+        embeddings = np.asarray(jax.jit(trainer.embed)(first["params"], first["batch_stats"],
+                                                       jnp.asarray(dataset.train_images)))
+    return {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
+
+
+def train_oracles(cfg: PipelineConfig, data: Data, forget: dict, out: str, progress: bool) -> dict:
+    """K oracles per forget set (``oracle-<spec>/``): oracle k is full model k trained without F."""
+    oracles = {}
+    for spec, f_idx in forget.items():
+        o_dir = os.path.join(out, "oracle-" + safe_name(spec))
+        train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0,
+                                      forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), data.dataset, o_dir,
+                            f"oracles {spec} (|F|={len(f_idx)})", progress)
+        oracles[spec] = load_run(o_dir)
+    return oracles
+
+
+def fit_attribution(cfg: PipelineConfig, dm_dir: str, forget: dict, out: str) -> tuple[dict, dict]:
+    """LDS of every estimator and each forget set's effects ({spec: f32[P, C]}), cached in
+    ``datamodel-fits/``."""
+    return cached_datamodels(dm_dir, cfg, forget, os.path.join(out, "datamodel-fits"))
+
+
+def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> Experiment:
+    """Steps 1-5, each resumed from its files: data, ensembles, forget sets, oracles, attribution."""
+    t0 = time.time()
+    data = prepare_data(cfg)
+    dm_dir, full_dir = train_base_ensembles(cfg, data, out, progress)
+    full = load_run(full_dir)
+    trainer = trainer_for_run(full, data.dataset)
+    full_vars = load_models(full_dir)
+    forget = make_forget_sets(cfg, data.dataset, trainer, full_vars)
+    effects, attribution = fit_attribution(cfg, dm_dir, forget, out)
+    log(f"datamodels: LDS influence {attribution['influence']:.3f} (threshold "
+        f"{attribution['influence_threshold']:g}), ridge {attribution['ridge']:.3f}, lasso {attribution['lasso']:.3f} "
+        f"({attribution['models_fit']} models fit, {attribution['models_heldout']} held out)")
+    oracles = train_oracles(cfg, data, forget, out, progress)
+    k2, ds = cfg.full_models // 2, data.dataset
+    vmap_width = default_strategy(data.recipe.model, jax.default_backend(), k2).vmap_width
+    return Experiment(
+        cfg=cfg, dataset=ds, trainer=trainer, full=full,
+        unlearned=jax.tree.map(lambda t: t[:k2], full_vars), forget=forget,
+        groups={s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}, oracles=oracles,
+        effects=effects, attribution=attribution,
+        data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply),
+        keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
+        vmap_width=vmap_width, logits_of=ensemble_logits_fn(trainer, vmap_width, k2), t0=t0)
+
+
+def noise_floor(exp: Experiment, spec: str) -> dict:
+    """KLoM between the two oracle halves: what a perfect unlearner scores."""
+    o = exp.oracles[spec]["margins"]
+    return klom_summary(klom(o[exp.k2:], o[:exp.k2]), exp.groups[spec])
+
+
+def dm_direct_logits(exp: Experiment, spec: str):
+    """DM-Direct's predicted oracle logits of the unlearned models: f32[k2, n_train + n_test, C]."""
+    return jnp.asarray(exp.full["logits"][:exp.k2]) - exp.effects[spec][None]
+
+
+def method_targets(exp: Experiment, spec: str, kind: str | None):
+    """The target logits f32[k2, n_train, C] a method matches: oracles' ("oracle"), DM-Direct's
+    ("datamodel"), or None."""
+    n = exp.dataset.n_train
+    if kind == "oracle":
+        return jnp.asarray(exp.oracles[spec]["logits"][:exp.k2, :n])
+    if kind == "datamodel":
+        return dm_direct_logits(exp, spec)[:, :n]
+    return None
+
+
+def ensemble_logits_fn(trainer, vmap_width: int, k: int):
+    """Jitted ``(params, batch_stats, images) -> f32[k, points, C]`` for k stacked models, in the
+    ensemble layout of training."""
+    return jax.jit(lambda p, s, x: map_models(lambda a: trainer.logits(a[0], a[1], x), (p, s), vmap_width, k))
+
+
+def ensemble_logits(exp: Experiment, params, batch_stats):
+    """Logits of the k2 unlearned models on every point: f32[k2, n_train + n_test, C]."""
+    return exp.logits_of(params, batch_stats, jnp.asarray(exp.dataset.all_images))
+
+
+def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, config=None) -> dict:
+    """KLoM vs the held-out oracle half, accuracies, MIA and compute for k2 models' logits
+    (f32[k2, n_train + n_test, C]); if any model's logits are NaN/inf, the row says how many
+    diverged and carries no scores."""
+    g, n = exp.groups[spec], exp.dataset.n_train
+    oracle, full = exp.oracles[spec]["margins"], exp.full["margins"]
+    labels = jnp.asarray(exp.dataset.all_labels)
+    logits = jnp.asarray(logits)
+    r = {"forget_set": spec, "forget_size": int(len(g["forget"])), "method": method,
+         "compute_fraction": float(compute)}
+    diverged = int((~jnp.isfinite(logits).all(axis=(1, 2))).sum())
+    if diverged:  # a grid point that blew up is a result too: recorded, not fatal to the sweep
+        r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None)
+    else:
+        m = np.asarray(margins_from_logits(logits, labels))
+        correct = np.asarray(logits.argmax(-1) == labels)
+        r.update(klom=klom_summary(klom(oracle[exp.k2:], m), g),
+                 accuracy={"forget": float(correct[:, g["forget"]].mean()),
+                           "retain": float(correct[:, g["retain"]].mean()),
+                           "test": float(correct[:, n:].mean())},
+                 mia=mia(m, oracle[exp.k2:], full[exp.k2:], oracle[:exp.k2], g["forget"]))
+    if method in ("dm-direct", "dmm"):
+        r["estimator"] = exp.cfg.forget_effects
+    if config is not None:
+        r["config"] = config_dict(config)
+    return r
+
+
+def run_method(exp: Experiment, spec: str, method: str, configs=None) -> list[dict]:
+    """Step 6: rows for ``method`` on one forget set, one per config (default: the experiment's).
+    Configs sharing their static fields are unlearned in one vmapped call."""
+    t = time.time()
+    full_cost = training_cost(exp.full)
+    if method == "none":
+        rows = [evaluate(exp, spec, "none", exp.full["logits"][:exp.k2], 0.0)]
+    elif method == "dm-direct":
+        rows = [evaluate(exp, spec, method, dm_direct_logits(exp, spec), 0.0)]
+    else:
+        m = get_method(method)
+        configs = configs or [exp.cfg.method_config(method)]
+        g = exp.groups[spec]
+        outs = unlearn_grid(m.fn, exp.unlearned["params"], exp.unlearned["batch_stats"], exp.data, g["forget"],
+                            g["retain"], method_targets(exp, spec, m.targets), exp.keys, configs, exp.vmap_width)
+        rows = [evaluate(exp, spec, method, ensemble_logits(exp, p, s), float(cost.mean()) / full_cost, c)
+                for c, (p, s, cost) in zip(configs, outs)]
+    for r in rows:
+        r["seconds"] = (time.time() - t) / len(rows)
+    return rows
+
+
+def header(exp: Experiment) -> dict:
+    """What every results file says about the experiment (before its rows)."""
+    cfg = exp.cfg
+    return {"dataset": cfg.dataset, "lds": {k: exp.attribution[k] for k in ("influence", "ridge", "lasso")},
+            "lds_detail": exp.attribution, "noise_floor": {s: noise_floor(exp, s) for s in exp.forget},
+            "forget_sets": {s: [int(i) for i in f] for s, f in exp.forget.items()},
+            "ensemble": {"full_models": cfg.full_models, "unlearned": exp.k2, "eval_oracles": exp.k2,
+                         "datamodel_models": cfg.datamodel_models},
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+
+
+def write_results(out: str, json_name: str, png_name: str, res: dict, log, table_fn) -> dict:
+    """Step 7: the results as JSON and as a KLoM-vs-compute plot, and the table on the log."""
+    from jaxunlearn.pipeline.report import pareto_plot
+
+    write_json_atomic(os.path.join(out, json_name), res)
+    pareto_plot(res, os.path.join(out, png_name))
+    log(table_fn(res))
+    return res
 
 
 def run_pipeline(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> dict:
-    prep = Prepared(cfg, out, progress, log)
-    results = []
-    for spec in prep.forget:
-        for method in cfg.methods:
-            results.extend(prep.run_method(spec, method))
-    out_json = {**prep.header(), "results": results, "wall_seconds": time.time() - prep.t0}
-    write_json_atomic(os.path.join(out, "results.json"), out_json)
-    from jaxunlearn.pipeline.report import pareto_plot, table
+    """The whole job: prepare (steps 1-5), every method on every forget set (6), results (7)."""
+    from jaxunlearn.pipeline.report import table
 
-    pareto_plot(out_json, os.path.join(out, "pareto.png"))
-    log(table(out_json))
-    return out_json
+    exp = prepare(cfg, out, progress, log)
+    rows = [row for spec in exp.forget for method in cfg.methods for row in run_method(exp, spec, method)]
+    res = {**header(exp), "results": rows, "wall_seconds": time.time() - exp.t0}
+    return write_results(out, "results.json", "pareto.png", res, log, table)
 
 
-def _earlier_rows(out: str, prep: Prepared) -> dict:
+def _earlier_rows(out: str, exp: Experiment) -> dict:
     """Rows of an earlier ``results.json`` in ``out`` made with the same ensembles and forget sets."""
     try:
         with open(os.path.join(out, "results.json")) as f:
@@ -313,12 +407,12 @@ def _earlier_rows(out: str, prep: Prepared) -> dict:
         return {}
     same = {k: res["config"].get(k) for k in ("dataset", "recipe", "epochs", "seed", "full_models",
                                                "datamodel_models", "alpha", "forget_effects")}
-    if same != {k: getattr(prep.cfg, k) for k in same}:
+    if same != {k: getattr(exp.cfg, k) for k in same}:
         return {}
     rows: dict = {}
     for r in res["results"]:
         s = r["forget_set"]
-        if s in prep.forget and res["forget_sets"].get(s) == [int(i) for i in prep.forget[s]]:
+        if s in exp.forget and res["forget_sets"].get(s) == [int(i) for i in exp.forget[s]]:
             rows.setdefault((s, r["method"]), []).append(r)
     return rows
 
@@ -329,24 +423,21 @@ def run_sweep(cfg: PipelineConfig, out: str, method: str, configs: list, progres
     get_method(method)
     if not configs:
         raise JaxUnlearnError("empty grid")
-    prep = Prepared(cfg, out, progress, log)
-    from jaxunlearn.pipeline.report import pareto_plot, sweep_table
+    from jaxunlearn.pipeline.report import sweep_table
 
+    exp = prepare(cfg, out, progress, log)
     rows = []
-    earlier = _earlier_rows(out, prep)
-    bar = Progress(len(prep.forget), f"sweep {method} ({len(configs)} configs)", progress, unit="forget set")
+    earlier = _earlier_rows(out, exp)
+    bar = Progress(len(exp.forget), f"sweep {method} ({len(configs)} configs)", progress, unit="forget set")
     try:
-        for i, spec in enumerate(prep.forget):
-            rows.extend(prep.run_method(spec, method, configs))
+        for i, spec in enumerate(exp.forget):
+            rows.extend(run_method(exp, spec, method, configs))
             for ref in ("none", "oracle-matching", "dmm"):  # references for the plot: reuse the pipeline's rows
-                rows.extend(earlier.get((spec, ref)) or prep.run_method(spec, ref))
+                rows.extend(earlier.get((spec, ref)) or run_method(exp, spec, ref))
             bar(i + 1)
     finally:
         bar.close()
-    res = {**prep.header(), "sweep": {"method": method, "configs": [config_dict(c) for c in configs]},
-           "results": rows, "wall_seconds": time.time() - prep.t0}
+    res = {**header(exp), "sweep": {"method": method, "configs": [config_dict(c) for c in configs]},
+           "results": rows, "wall_seconds": time.time() - exp.t0}
     name = "sweep-" + safe_name(method)
-    write_json_atomic(os.path.join(out, name + ".json"), res)
-    pareto_plot(res, os.path.join(out, name + ".png"))
-    log(sweep_table(res))
-    return res
+    return write_results(out, name + ".json", name + ".png", res, log, sweep_table)

@@ -76,6 +76,11 @@ def index_batches(key, idx, steps: int, batch: int):
     return p[jnp.arange(steps * batch) % idx.shape[0]].reshape(steps, batch)
 
 
+def retain_count(retain_per_epoch: int, n_retain: int) -> int:
+    """Retain points per epoch: ``retain_per_epoch`` (0: the whole retain set, as the papers' code)."""
+    return n_retain if retain_per_epoch == 0 else min(retain_per_epoch, n_retain)
+
+
 def retain_sample(retain_idx, key, size: int):
     """``size`` retain indices drawn without replacement: i32[size]."""
     return jax.random.permutation(key, retain_idx)[:size]
@@ -103,7 +108,7 @@ def paired_batches(forget_idx, retain_idx, retain_per_epoch: int, batch: int, fo
     """Two streams per step, for methods that mix a forget and a retain term: each epoch walks a
     fresh retain sample of ``retain_per_epoch`` points in batches of ``batch`` and cycles through
     the forget set in batches of ``forget_batch``. Returns (epoch_batches, steps, examples per epoch)."""
-    r = min(retain_per_epoch, retain_idx.shape[0])
+    r = retain_count(retain_per_epoch, retain_idx.shape[0])
     fb = min(forget_batch, forget_idx.shape[0])
     steps = steps_for(r, batch)
 

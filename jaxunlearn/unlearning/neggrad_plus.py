@@ -8,11 +8,13 @@ from jaxunlearn.unlearning.finetune import SGDConfig, model_ce, paired_batches, 
 
 
 class NegGradPlusConfig(SGDConfig):
-    lr: float = 0.03  # demo defaults: the best mean KLoM of a small grid on both digits forget sets
-    beta: float = 0.99  # weight of the retain term
-    epochs: int = struct.field(pytree_node=False, default=4)
-    forget_batch_size: int = struct.field(pytree_node=False, default=16)
-    retain_per_epoch: int = struct.field(pytree_node=False, default=512)
+    # SCRUB code's NegGrad+ (CIFAR-10 VGG notebook): lr 1e-4, β 0.9999, 5 epochs, batches 128 / 128
+    lr: float = 1e-4
+    beta: float = 0.9999  # weight of the retain term
+    epochs: int = struct.field(pytree_node=False, default=5)
+    batch_size: int = struct.field(pytree_node=False, default=128)
+    forget_batch_size: int = struct.field(pytree_node=False, default=128)
+    retain_per_epoch: int = struct.field(pytree_node=False, default=0)  # 0: the whole retain set
 
 
 def neggrad_plus(params, model_state, data, forget_idx, retain_idx, targets, key, config: NegGradPlusConfig):

@@ -10,10 +10,12 @@ from jaxunlearn.unlearning.finetune import SGDConfig, model_ce, paired_batches, 
 
 
 class RandomLabelsConfig(SGDConfig):
-    lr: float = 1e-4  # demo defaults: the best mean KLoM of a small grid on both digits forget sets
-    epochs: int = struct.field(pytree_node=False, default=2)
-    forget_batch_size: int = struct.field(pytree_node=False, default=16)
-    retain_per_epoch: int = struct.field(pytree_node=False, default=512)
+    # SalUn code (its RL is SalUn without the mask): lr 0.013, 10 epochs, batch 256
+    lr: float = 0.013
+    epochs: int = struct.field(pytree_node=False, default=10)
+    batch_size: int = struct.field(pytree_node=False, default=256)
+    forget_batch_size: int = struct.field(pytree_node=False, default=256)
+    retain_per_epoch: int = struct.field(pytree_node=False, default=0)  # 0: the whole retain set
 
 
 def wrong_labels(key, labels, num_classes: int):

@@ -14,8 +14,7 @@ from jaxunlearn.unlearning.ga import GAConfig, gradient_ascent
 from jaxunlearn.unlearning.gd import GDConfig, finetune_retain
 from jaxunlearn.unlearning.l1_sparse import L1SparseConfig, l1_sparse
 from jaxunlearn.unlearning.neggrad_plus import NegGradPlusConfig, neggrad_plus
-from jaxunlearn.unlearning.oracle_matching import (OPTIMIZERS, DMMConfig, MatchingConfig, OracleMatchingConfig,
-                                                   oracle_matching)
+from jaxunlearn.unlearning.oracle_matching import OPTIMIZERS, DMMConfig, OracleMatchingConfig, oracle_matching
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
 from jaxunlearn.unlearning.salun import SalUnConfig, salun
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
@@ -58,7 +57,7 @@ def hyperparameters(name: str) -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
 
 
-ZERO_ALLOWED = {"max_steps", "pool_seed"}  # integers that may be 0 (others must be positive)
+ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch"}  # integers that may be 0 (others must be positive)
 CHOICES = {"optimizer": OPTIMIZERS}
 
 
@@ -66,7 +65,6 @@ def make_config(name: str, **overrides):
     """The method's config with ``overrides``; unknown names and wrong types are clear errors."""
     kinds = hyperparameters(name)
     cls = get_method(name).config
-    zero_ok = ZERO_ALLOWED | ({"retain_per_epoch"} if issubclass(cls, MatchingConfig) else set())
     clean = {}
     for k, v in overrides.items():
         if k not in kinds:
@@ -82,7 +80,7 @@ def make_config(name: str, **overrides):
             if not ok:
                 raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
             v = int(float(v))
-            if v < 0 or (k not in zero_ok and v == 0):
+            if v < 0 or (k not in ZERO_ALLOWED and v == 0):
                 raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
         else:
             try:
