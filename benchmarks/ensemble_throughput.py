@@ -81,7 +81,7 @@ def step_flops(recipe, x, y, mean, std, spe) -> float:
     tr = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, "xla")
     state = jax.eval_shape(tr.init, jax.random.key(0))
     batch = jax.ShapeDtypeStruct((recipe.batch_size, *x.shape[1:]), x.dtype)
-    forward = jax.make_jaxpr(lambda p, s, b: tr.apply(p, s, b, True))(state.params, state.batch_stats, batch)
+    forward = jax.make_jaxpr(lambda p, s, b: tr.apply_images(p, s, b, True))(state.params, state.batch_stats, batch)
     return 3.0 * matmul_flops(forward.jaxpr)
 
 

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     forget = make_forget_set(args.forget, ds.train_labels, seed=cfg.seed)
     retain = np.setdiff1d(np.arange(ds.n_train), forget)
-    data = UnlearnData(images, labels, trainer.apply)
+    data = UnlearnData(images, labels, trainer.apply_images)
     own = fns.logits(states.params, states.batch_stats, images)
     keys = jax.random.split(jax.random.key(1), k)
     rows = []

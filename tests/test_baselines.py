@@ -27,7 +27,7 @@ def mlps(digits):
     fns = EnsembleFns(tr, K, K)
     states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
                                np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply)
+    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images)
     logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
     return tr, fns, states, data, logits
 

@@ -20,7 +20,7 @@ def ensemble(digits):
     fns = EnsembleFns(tr, K, 1)
     states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
                                np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), tr.apply)
+    data = UnlearnData(jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), tr.apply_images)
     logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
     return tr, fns, states, data, logits
 

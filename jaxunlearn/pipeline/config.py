@@ -10,8 +10,6 @@ from jaxunlearn.attribution.influence import DEFAULT_THRESHOLDS
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
 
-METHODS = ALL_METHODS
-
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -24,7 +22,7 @@ class PipelineConfig:
     alpha: float = 0.5
     full_models: int = 64  # K full and K oracle models; methods use the first half, KLoM the second
     forget_sets: tuple[str, ...] = ("random:30", "cluster:10:0")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ALL_METHODS
     # per-method hyperparameters over the library defaults (the papers' recipes), e.g.
     # {"dmm": {"lr": 3e-4, "epochs": 2}, "scrub": {"max_steps": 1}}
     method_overrides: dict = dataclasses.field(default_factory=dict)
@@ -62,9 +60,9 @@ class PipelineConfig:
         return cls(**d).validate()
 
     def validate(self) -> "PipelineConfig":
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
-            raise JaxUnlearnError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+            raise JaxUnlearnError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}")
         if self.full_models < 4 or self.full_models % 2:
             raise JaxUnlearnError(f"full_models must be an even number >= 4, got {self.full_models}")
         if self.datamodel_models < 20:

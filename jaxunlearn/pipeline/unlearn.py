@@ -279,7 +279,7 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         unlearned=jax.tree.map(lambda t: t[:k2], full_vars), forget=forget,
         groups={s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}, oracles=oracles,
         effects=effects, attribution=attribution,
-        data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply),
+        data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images),
         keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
         vmap_width=vmap_width, logits_of=ensemble_logits_fn(trainer, vmap_width, k2), t0=t0)
 

@@ -32,20 +32,16 @@ class ModelState(NamedTuple):
 class Trainer(NamedTuple):
     """Pure functions for one (model, recipe, data set). All arrays in, arrays out."""
 
-    model: Any
-    tx: optax.GradientTransformation
-    steps_per_epoch: int
     init: Callable  # (model_key) -> ModelState
     train_step: Callable  # (state, images u8[B,...], labels i32[B], key) -> (state, metrics)
     epoch_batches: Callable  # (mask bool[n], model_key, epoch) -> i32[steps, B]
     run_epoch: Callable  # (state, images, labels, mask, model_key, epoch) -> (state, metrics)
     logits: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, C]
     embed: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, D] penultimate features
-    apply: Callable  # (params, batch_stats, images u8[B,...], train) -> (logits f32[B, C], batch_stats)
-    augment: Callable  # (images u8[B,...], key) -> normalised, augmented f32[B,...]
+    apply_images: Callable  # (params, batch_stats, images u8[B,...], train) -> (logits f32[B, C], batch_stats)
 
 
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+def smoothed_cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
     """Mean softmax cross-entropy. logits: f32[B, C], labels: i32[B] -> f32[]."""
     targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
@@ -83,7 +79,7 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
 
         def loss_fn(params):
             logits, batch_stats = apply(params, state.batch_stats, x, True)
-            return cross_entropy(logits, labels, num_classes, recipe.label_smoothing), (logits, batch_stats)
+            return smoothed_cross_entropy(logits, labels, num_classes, recipe.label_smoothing), (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -119,5 +115,4 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
     def embed(params, batch_stats, images):
         return over_points(images, lambda x: apply(params, batch_stats, x, False, features=True)[0])
 
-    return Trainer(model, tx, steps_per_epoch, init, train_step, batches, run_epoch, logits, embed,
-                   apply_images, augment_images)
+    return Trainer(init, train_step, batches, run_epoch, logits, embed, apply_images)

@@ -37,9 +37,9 @@ METHODS: dict[str, Method] = {
     "salun": Method(salun, SalUnConfig, None),
     "l1-sparse": Method(l1_sparse, L1SparseConfig, None),
 }
-# "none" (the full models unchanged) and "dm-direct" (predictions, no model) are not parameter updates
-ALL_METHODS = ("none", "oracle-matching", "dm-direct", "dmm", "ga", "gd", "neggrad+", "scrub", "random-labels",
-               "salun", "l1-sparse")
+# every name a pipeline can run, in table order: METHODS plus "none" (the full models unchanged) and
+# "dm-direct" (DM-Direct's predictions: no parameter update, so no entry in METHODS)
+ALL_METHODS = ("none", "oracle-matching", "dm-direct", *(m for m in METHODS if m != "oracle-matching"))
 
 
 UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1),
