@@ -221,12 +221,15 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
     assert (cfg.forget_effects, cfg.full_models, cfg.forget_sets) == ("lasso", 100, ("random:5",))
     assert cfg.method_config("dmm").lr == 0.02 and cfg.method_config("dmm").epochs == DEMO.method_config("dmm").epochs
     assert cfg.method_config("scrub").epochs == 3
+    cfg = pipeline_config(parse(["pipeline", "--out", "x", "--set", "recipe.peak_lr=0.2", "recipe.model=cnn"]))
+    assert cfg.recipe["peak_lr"] == 0.2 and cfg.recipe["model"] == "cnn" and cfg.recipe["batch_size"] == 64
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"full_models": 8, "method_overrides": {"gd": {"lr": 0.5}}}))
     cfg = pipeline_config(parse(["sweep", "--config", str(path), "--out", "x", "--method", "gd", "--grid", "lr=1",
                                  "--set", "methods.gd.epochs=5"]))
     assert cfg.full_models == 8 and cfg.method_kwargs("gd") == {"lr": 0.5, "epochs": 5}
     for bad, msg in ((["nonsense=1"], "not a pipeline setting"), (["methods.gd.warp=1"], "gd has no hyperparameter"),
-                     (["forget_effects"], "write KEY=VALUE"), (["methods.dmm.optimizer=lbfgs"], "optimizer must be")):
+                     (["forget_effects"], "write KEY=VALUE"), (["methods.dmm.optimizer=lbfgs"], "optimizer must be"),
+                     (["recipe.warp=2"], "unknown fields \\['warp'\\]"), (["recipe.model=vit"], "unknown model")):
         with pytest.raises(JaxUnlearnError, match=msg):
             pipeline_config(parse(["pipeline", "--out", "x", "--set", *bad]))

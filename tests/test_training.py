@@ -9,7 +9,7 @@ from jaxunlearn.metrics import accuracy_from_logits
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, retain_masks, train_ensemble
 from jaxunlearn.training.loop import train_one_by_one
 from jaxunlearn.training.recipe import triangle_schedule
-from jaxunlearn.training.subsets import epoch_batches, steps_per_epoch
+from jaxunlearn.training.subsets import subset_batches, steps_per_epoch
 
 
 def test_subset_masks_are_seeded_and_exact():
@@ -34,9 +34,9 @@ def test_retain_masks_and_bad_forget_sets():
         retain_masks(3, 1, [0, 1, 2])
 
 
-def test_epoch_batches_cover_subset_and_never_leave_it():
+def test_subset_batches_cover_subset_and_never_leave_it():
     mask = jnp.asarray(random_subset_masks(50, 1, 0.4, 0)[0])
-    idx = epoch_batches(mask, jax.random.key(0), batch_size=7, steps=3)  # 20 points, 21 slots: wraps once
+    idx = subset_batches(mask, jax.random.key(0), batch_size=7, steps=3)  # 20 points, 21 slots: wraps once
     assert idx.shape == (3, 7)
     assert bool(mask[idx].all())
     assert set(np.asarray(idx).ravel().tolist()) == set(np.flatnonzero(mask).tolist())
@@ -48,8 +48,8 @@ def test_removing_points_keeps_the_order_of_the_others():
     without = mask.copy()
     without[[3, 17, 25]] = False
     key = jax.random.key(5)
-    full = np.asarray(epoch_batches(jnp.asarray(mask), key, 40, 1)).ravel()
-    kept = np.asarray(epoch_batches(jnp.asarray(without), key, 37, 1)).ravel()
+    full = np.asarray(subset_batches(jnp.asarray(mask), key, 40, 1)).ravel()
+    kept = np.asarray(subset_batches(jnp.asarray(without), key, 37, 1)).ravel()
     np.testing.assert_array_equal(kept, full[~np.isin(full, [3, 17, 25])])
 
 

@@ -15,7 +15,7 @@ from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
 class PipelineConfig:
     dataset: str = "digits"
     data_dir: str | None = None
-    recipe: str = "digits-mlp"
+    recipe: str | dict = "digits-mlp"  # a built-in name, a .json file, or the recipe's fields inline
     epochs: int | None = None  # override the recipe's epochs
     seed: int = 0
     datamodel_models: int = 1500  # subset models (alpha) for datamodels; 20% held out for LDS
@@ -55,7 +55,7 @@ class PipelineConfig:
         base = os.path.dirname(os.path.abspath(path))  # relative paths are relative to the config file
         if d.get("data_dir") and not os.path.isabs(d["data_dir"]):
             d["data_dir"] = os.path.normpath(os.path.join(base, d["data_dir"]))
-        if str(d.get("recipe", "")).endswith(".json") and not os.path.isabs(d["recipe"]):
+        if isinstance(d.get("recipe"), str) and d["recipe"].endswith(".json") and not os.path.isabs(d["recipe"]):
             d["recipe"] = os.path.normpath(os.path.join(base, d["recipe"]))
         return cls(**d).validate()
 
@@ -79,8 +79,9 @@ class PipelineConfig:
 
     def with_overrides(self, items) -> "PipelineConfig":
         """``["forget_effects=lasso", "full_models=100", "methods.dmm.lr=0.01"]`` (the CLI's ``--set``):
-        a field of this config, or ``methods.M.P`` for hyperparameter P of method M. Values are read
-        as JSON where they parse (numbers, lists, null), else as strings."""
+        a field of this config, ``methods.M.P`` for hyperparameter P of method M, or ``recipe.F`` for
+        field F of the training recipe (the recipe is then written inline). Values are read as JSON
+        where they parse (numbers, lists, null), else as strings."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes: dict = {}
         overrides = {m: dict(h) for m, h in self.method_overrides.items()}
@@ -96,13 +97,19 @@ class PipelineConfig:
             parts = key.split(".")
             if len(parts) == 3 and parts[0] in ("methods", "method_overrides"):
                 overrides.setdefault(parts[1], {})[parts[2]] = value
+            elif len(parts) == 2 and parts[0] == "recipe":
+                from jaxunlearn.training.recipe import load_recipe, recipe_from_fields
+
+                fields = load_recipe(changes.get("recipe", self.recipe)).to_dict()
+                fields[parts[1]] = value
+                changes["recipe"] = recipe_from_fields(fields, f"--set {key}").to_dict()
             elif len(parts) == 1 and parts[0] in fields:
                 if isinstance(value, list):
                     value = tuple(value)
                 changes[key] = value
             else:
                 raise JaxUnlearnError(f"--set {key!r}: not a pipeline setting; choose from "
-                                      f"{', '.join(fields)} or methods.METHOD.HYPERPARAMETER")
+                                      f"{', '.join(fields)}, methods.METHOD.HYPERPARAMETER or recipe.FIELD")
         return dataclasses.replace(self, **changes, method_overrides=overrides).validate()
 
     def method_kwargs(self, name: str) -> dict:

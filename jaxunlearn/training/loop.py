@@ -34,4 +34,4 @@ def train_one_by_one(trainer: Trainer, images, labels, masks, model_ids, seed: i
 
 def make_jitted(trainer: Trainer) -> dict:
     return {"init": jax.jit(trainer.init), "epoch": jax.jit(trainer.run_epoch),
-            "batches": jax.jit(trainer.epoch_batches), "step": jax.jit(trainer.train_step)}
+            "batches": jax.jit(trainer.batch_indices), "step": jax.jit(trainer.train_step)}

@@ -42,6 +42,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
+        from jaxunlearn.models import DTYPES, MODELS
+
+        if self.model not in MODELS:
+            raise JaxUnlearnError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.dtype not in DTYPES:
+            raise JaxUnlearnError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.epochs < 1:
             raise JaxUnlearnError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -66,17 +72,23 @@ DEFAULT_RECIPE = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9", "cifar10
                   "svhn": "cifar10-resnet9"}
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in recipe by name, or a JSON file of Recipe fields (e.g. experiments/recipes/*.json)."""
+def recipe_from_fields(fields: dict, where: str = "recipe") -> Recipe:
+    unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
+    if unknown:
+        raise JaxUnlearnError(f"{where}: unknown fields {sorted(unknown)}")
+    return Recipe(**fields).validate()
+
+
+def load_recipe(name_or_path: str | dict) -> Recipe:
+    """A built-in recipe by name, a JSON file of Recipe fields (e.g. experiments/recipes/*.json), or
+    the fields themselves (a dict: a recipe written inline in an experiment config)."""
+    if isinstance(name_or_path, dict):
+        return recipe_from_fields(name_or_path)
     if name_or_path in RECIPES:
         return RECIPES[name_or_path]
     if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
         with open(name_or_path) as f:
-            fields = json.load(f)
-        unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
-        if unknown:
-            raise JaxUnlearnError(f"recipe {name_or_path}: unknown fields {sorted(unknown)}")
-        return Recipe(**fields).validate()
+            return recipe_from_fields(json.load(f), f"recipe {name_or_path}")
     raise JaxUnlearnError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(RECIPES)} or a .json file")
 
 

@@ -17,7 +17,7 @@ from jax import lax
 from jaxunlearn.data.augment import augment, normalize
 from jaxunlearn.models import make_model
 from jaxunlearn.training.recipe import Recipe, make_optimizer
-from jaxunlearn.training.subsets import epoch_batches
+from jaxunlearn.training.subsets import subset_batches
 
 
 class ModelState(NamedTuple):
@@ -34,7 +34,7 @@ class Trainer(NamedTuple):
 
     init: Callable  # (model_key) -> ModelState
     train_step: Callable  # (state, images u8[B,...], labels i32[B], key) -> (state, metrics)
-    epoch_batches: Callable  # (mask bool[n], model_key, epoch) -> i32[steps, B]
+    batch_indices: Callable  # (mask bool[n], model_key, epoch) -> i32[steps, B]
     run_epoch: Callable  # (state, images, labels, mask, model_key, epoch) -> (state, metrics)
     logits: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, C]
     embed: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, D] penultimate features
@@ -89,7 +89,7 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
 
     def batches(mask, model_key, epoch):
         key = jax.random.fold_in(jax.random.fold_in(model_key, 1), epoch)
-        return epoch_batches(mask, key, recipe.batch_size, steps_per_epoch)
+        return subset_batches(mask, key, recipe.batch_size, steps_per_epoch)
 
     def run_epoch(state, images, labels, mask, model_key, epoch):
         aug_key = jax.random.fold_in(model_key, 2)

@@ -41,7 +41,7 @@ def retain_masks(n: int, models: int, forget_idx) -> np.ndarray:
     return np.repeat(mask[None], models, axis=0)
 
 
-def epoch_batches(mask, key, batch_size: int, steps: int):
+def subset_batches(mask, key, batch_size: int, steps: int):
     """Batch indices of one epoch for one model: i32[steps, batch_size], all inside ``mask``.
 
     mask: bool[n]. The order is a random permutation of the model's subset; the last batch
