@@ -33,6 +33,10 @@ def add_train_args(p):
     p.add_argument("--forget-idx", default=None,
                    help="train oracles: every model on all points but these (.npy file or comma list)")
     p.add_argument("--out", required=True)
+    p.add_argument("--worker", default=None, metavar="I/N",
+                   help="one of N processes sharing --out (a job array): train only chunks c with c %% N == I; "
+                        "whoever finishes last assembles the run")
+    p.add_argument("--assemble", action="store_true", help="train nothing: assemble a run whose chunks are all there")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -84,15 +88,22 @@ def run_config_from_args(args):
 
 def cmd_train(args) -> int:
     from jaxunlearn.training import train_run
+    from jaxunlearn.training.run import parse_worker
 
+    worker = parse_worker(args.worker)
     cfg, dataset = run_config_from_args(args)
     t = time.time()
     bar = Progress(cfg.models, f"train {cfg.dataset}/{cfg.recipe.model}", not args.no_progress)
     try:
-        summary = train_run(cfg, dataset, args.out, progress=bar)
+        summary = train_run(cfg, dataset, args.out, progress=bar, worker=worker, assemble_only=args.assemble)
     finally:
         bar.close()
     wall = time.time() - t
+    if not summary["complete"]:
+        print(f"worker {args.worker}: trained {summary['models_trained_now']} models in {wall:.1f}s; "
+              f"{summary['chunks_missing']} of {summary['chunks']} chunks still to come from the other workers "
+              f"(the last one to finish assembles the run, or run the same command with --assemble) -> {args.out}")
+        return 0
     mph = summary["models_per_hour"]
     print(f"trained {summary['models']} models ({summary['models_trained_now']} now) in {wall:.1f}s: "
           f"mean test accuracy {100 * summary['mean_test_accuracy']:.2f}%, "

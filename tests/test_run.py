@@ -267,3 +267,32 @@ def test_checkpoint_that_fails_to_restore_gives_one_clear_error(reference_run, t
         load_chunk_variables(out, 3)
     with pytest.raises(JaxUnlearnError, match=r"chunk 00007 of .* is damaged \(missing\)"):
         load_chunk_variables(out, 7)
+
+
+def test_two_workers_on_one_folder_give_the_single_process_run(reference_run, tmp_path, capsys):
+    from jaxunlearn.training import load_run
+
+    out = str(tmp_path / "run")
+    procs = [_cli(*TRAIN, "--out", out, "--worker", f"{i}/2") for i in range(2)]  # a job array of 2, at once
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for i, (stdout, _) in enumerate(outputs):  # each trained its own 2 chunks of 2 models, no more
+        assert f"worker {i}/2: trained 4 models" in stdout or "(4 now)" in stdout, stdout
+    for c in range(4):  # chunk c was written by worker c % 2: no chunk twice, none missing
+        meta = json.load(open(os.path.join(out, "chunks", f"{c:05d}", "meta.json")))
+        assert meta["models"] == [2 * c, 2 * c + 1]
+    assert not [n for n in os.listdir(os.path.join(out, "chunks")) if n.startswith(".")]
+    run, ref = load_run(out), load_run(reference_run)
+    for name in ("margins", "logits", "masks"):
+        assert run[name].tobytes() == ref[name].tobytes(), name
+    # a worker killed before its last chunk: --assemble names what is missing, re-running the worker finishes
+    shutil.rmtree(os.path.join(out, "chunks", "00003"))
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", out, "--assemble"]) == 2
+    assert "is missing 1 of 4 chunks (00003); run (or re-run) the workers" in capsys.readouterr().err
+    assert main([*TRAIN, "--out", out, "--worker", "1/2"]) == 0
+    assert "(2 now)" in capsys.readouterr().out  # only the missing chunk, then the run is assembled
+    assert load_run(out)["margins"].tobytes() == ref["margins"].tobytes()
+    for bad in ("2/2", "x", "1/0"):
+        assert main([*TRAIN, "--out", out, "--worker", bad]) == 2
+        assert "--worker" in capsys.readouterr().err

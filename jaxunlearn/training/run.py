@@ -208,11 +208,17 @@ def _raise_if_damaged(out: str, skip: str | None = None) -> None:
         raise _chunk_error(out, *next(iter(damaged.items())))
 
 
-def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> None:
+def _tmp_name(chunk_name: str) -> str:
+    """A temporary folder name no other process uses: ``.tmp-NNNNN-<pid>-<random>``."""
+    return f".tmp-{chunk_name}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> bool:
+    """Writes a finished chunk under a private temporary name and renames it into place; False (and
+    nothing written) when another process finished the same chunk first."""
     import orbax.checkpoint as ocp
 
-    tmp = os.path.join(os.path.dirname(final_dir), ".tmp-" + os.path.basename(final_dir))
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(os.path.dirname(final_dir), _tmp_name(os.path.basename(final_dir)))
     os.makedirs(tmp)
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(os.path.join(tmp, "ckpt")),
@@ -220,7 +226,50 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
     np.savez(os.path.join(tmp, "outputs.npz"), logits=logits, model_ids=model_ids)
     write_json_atomic(os.path.join(tmp, "meta.json"), meta)
     write_json_atomic(os.path.join(tmp, CHECKSUMS), file_digests(tmp))
-    os.rename(tmp, final_dir)  # atomic: the chunk is finished exactly when this name exists
+    try:
+        os.rename(tmp, final_dir)  # atomic: the chunk is finished exactly when this name exists
+    except OSError:  # another worker renamed the same chunk into place first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
+
+
+def _save_npy_atomic(path: str, array) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _create_json_once(path: str, obj) -> bool:
+    """Writes ``path`` only if it does not exist yet (atomically, across processes): True if this
+    call created it."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    try:
+        os.link(tmp, path)  # fails if path exists: exactly one creator
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
+def parse_worker(spec: str | None) -> tuple[int, int] | None:
+    """"I/N" -> (I, N): worker I of N (0 <= I < N) trains chunks c with c % N == I."""
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise JaxUnlearnError(f"--worker {spec!r}: write I/N, e.g. 0/4 for the first of 4 workers") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise JaxUnlearnError(f"--worker {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def missing_chunks(out: str, n_chunks: int) -> list[int]:
+    return [c for c in range(n_chunks) if not os.path.isdir(os.path.join(out, "chunks", f"{c:05d}"))]
 
 
 def load_chunk_variables(run_dir: str, chunk: int):
@@ -248,12 +297,20 @@ def _stderr(line: str) -> None:
 
 
 def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | None = None,
-              log: Callable[[str], None] = _stderr) -> dict:
+              log: Callable[[str], None] = _stderr, worker: tuple[int, int] | None = None,
+              assemble_only: bool = False) -> dict:
     """Trains (or resumes) the run ``cfg`` into folder ``out``; returns the summary dict.
 
     ``progress(models_done: float, total: int)`` is called after every epoch of every chunk.
     On resume, each finished chunk that fails its checksums is reported in one line to ``log``,
     deleted and re-trained.
+
+    ``worker=(I, N)``: one of N processes sharing ``out`` (a scheduler job array): this one trains
+    only chunks c with c % N == I. Model m's subset, init and data order depend only on (seed, m),
+    and the chunk size is fixed by whichever process creates config.json, so the result does not
+    depend on how the run is split. Whichever worker finds every chunk present assembles the run;
+    the others return ``{"complete": False, ...}``. ``assemble_only``: train nothing, assemble a
+    complete run (an error lists the missing chunks otherwise).
     """
     cfg.recipe.validate()
     if cfg.models < 1:
@@ -284,23 +341,37 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     run_dict.update(chunk_resolved=chunk, vmap_width_resolved=vmap_width, backend=backend)
 
     chunks_dir = os.path.join(out, "chunks")
+    os.makedirs(out, exist_ok=True)
+    # config.json first: the folder is a run from here on, and its chunk size is the run's
+    if not resuming and not _create_json_once(os.path.join(out, "config.json"), run_dict):
+        _check_out(out, run_dict)  # another worker created the run first: same config, and its chunk size
+        with open(os.path.join(out, "config.json")) as f:
+            chunk = json.load(f)["chunk_resolved"]
+        vmap_width = min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, chunk).vmap_width, chunk)
     os.makedirs(chunks_dir, exist_ok=True)
-    np.save(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes, and repairs a damaged copy
-    if not resuming:
-        write_json_atomic(os.path.join(out, "config.json"), run_dict)  # written last: marks the folder as a run
-    for name in os.listdir(chunks_dir):
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(chunks_dir, name))  # a half-written chunk from a killed run
+    _save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy
+    n_chunks = -(-cfg.models // chunk)
+    if assemble_only:
+        missing = missing_chunks(out, n_chunks)
+        if missing:
+            raise JaxUnlearnError(f"{out!r} is missing {len(missing)} of {n_chunks} chunks "
+                                  f"({', '.join(f'{c:05d}' for c in missing[:8])}{' ...' if len(missing) > 8 else ''}); "
+                                  "run (or re-run) the workers that train them")
+        return assemble_run(out, dataset)
+    mine = [c for c in range(n_chunks) if worker is None or c % worker[1] == worker[0]]
+    for name in os.listdir(chunks_dir):  # half-written chunks of a killed run (this worker's only)
+        if name.startswith(".tmp-") and (worker is None or int(name.split("-")[1]) in mine):
+            shutil.rmtree(os.path.join(chunks_dir, name), ignore_errors=True)
     adopt_legacy_chunks(out, log)
     for name, problem in damaged_chunks(out).items():
-        log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
-        shutil.rmtree(os.path.join(chunks_dir, name))
+        if int(name) in mine:
+            log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
+            shutil.rmtree(os.path.join(chunks_dir, name))
 
-    n_chunks = -(-cfg.models // chunk)
     fns_cache: dict[int, EnsembleFns] = {}
     t0 = time.time()
     trained = 0
-    for c in range(n_chunks):
+    for c in mine:
         ids = np.arange(c * chunk, min(cfg.models, (c + 1) * chunk))
         final = os.path.join(chunks_dir, f"{c:05d}")
         if os.path.isdir(final):
@@ -316,10 +387,15 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)
         if not np.all(np.isfinite(logits)):
             raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
-        _save_chunk(final, states, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc})
-        trained += k
+        if _save_chunk(final, states, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
+            trained += k
     wall = time.time() - t0
-    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=False)  # just verified
+    missing = missing_chunks(out, n_chunks)
+    if missing:  # other workers' chunks are still to come; whoever finishes last assembles
+        return {"complete": False, "models": cfg.models, "models_trained_now": trained, "wall_seconds": wall,
+                "chunks_missing": len(missing), "chunks": n_chunks}
+    # a lone process just verified every chunk; a worker checks the others' too
+    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=worker is not None)
 
 
 def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
@@ -338,10 +414,10 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     n = dataset.n_train
     acc_train = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, :n]), labels[:n]))
     acc_test = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, n:]), labels[n:]))
-    np.save(os.path.join(out, "logits.npy"), logits)
-    np.save(os.path.join(out, "margins.npy"), margins)
+    _save_npy_atomic(os.path.join(out, "logits.npy"), logits)
+    _save_npy_atomic(os.path.join(out, "margins.npy"), margins)
     write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})
-    summary = {"models": int(logits.shape[0]), "mean_train_accuracy": float(acc_train.mean()),
+    summary = {"complete": True, "models": int(logits.shape[0]), "mean_train_accuracy": float(acc_train.mean()),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
                "wall_seconds": wall_seconds,
                "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None}
