@@ -26,7 +26,7 @@ def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # private: concurrent writers never share it
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)

@@ -223,6 +223,8 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
     assert cfg.method_config("scrub").epochs == 3
     cfg = pipeline_config(parse(["pipeline", "--out", "x", "--set", "recipe.peak_lr=0.2", "recipe.model=cnn"]))
     assert cfg.recipe["peak_lr"] == 0.2 and cfg.recipe["model"] == "cnn" and cfg.recipe["batch_size"] == 64
+    cfg = pipeline_config(parse(["pipeline", "--out", "x", "--set", "recipe.epochs=20", "seed=3", "forget_sets=random:7"]))
+    assert (cfg.recipe["epochs"], cfg.seed, cfg.forget_sets) == (20, 3, ("random:7",))  # a lone string is a list
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"full_models": 8, "method_overrides": {"gd": {"lr": 0.5}}}))
     cfg = pipeline_config(parse(["sweep", "--config", str(path), "--out", "x", "--method", "gd", "--grid", "lr=1",
@@ -230,6 +232,12 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
     assert cfg.full_models == 8 and cfg.method_kwargs("gd") == {"lr": 0.5, "epochs": 5}
     for bad, msg in ((["nonsense=1"], "not a pipeline setting"), (["methods.gd.warp=1"], "gd has no hyperparameter"),
                      (["forget_effects"], "write KEY=VALUE"), (["methods.dmm.optimizer=lbfgs"], "optimizer must be"),
-                     (["recipe.warp=2"], "unknown fields \\['warp'\\]"), (["recipe.model=vit"], "unknown model")):
+                     (["recipe.warp=2"], "unknown fields \\['warp'\\]"), (["recipe.model=vit"], "unknown model"),
+                     (["recipe.epochs=20", "momentum=0.5"], "not a pipeline setting"),
+                     (['method_overrides={"ga":{"lr":0.1}}'], "not a pipeline setting"),
+                     (["influence_thresholds=2"], "expected a list"), (["full_models=abc"], "expected an integer"),
+                     (["alpha=x"], "expected a number"), (["methods.dmm.lr=inf"], "finite number >= 0"),
+                     (["methods.dmm.retain_multiplier=-1"], "finite number >= 0"),
+                     (["methods.dmm.epochs=inf"], "must be an integer")):
         with pytest.raises(JaxUnlearnError, match=msg):
             pipeline_config(parse(["pipeline", "--out", "x", "--set", *bad]))

@@ -73,6 +73,8 @@ def test_influence_bad_inputs():
         influence_forget_effects(always, y, [np.array([1])])
     with pytest.raises(JaxUnlearnError, match="threshold must be"):
         influence_forget_effects(x, y, [np.array([1])], threshold=-1.0)
+    with pytest.raises(JaxUnlearnError, match="threshold must be"):
+        influence_estimates(x, y, threshold=float("nan"))
 
 
 def test_dm_direct_targets_from_arrays_by_every_estimator():

@@ -56,6 +56,11 @@ def _noise_scale(x, c_in, c_out, y):
     return jnp.sqrt(1.0 / c_in + 1.0 / c_out), y.std(0)
 
 
+def _check_threshold(threshold) -> None:
+    if not np.isfinite(threshold) or threshold < 0:
+        raise JaxUnlearnError(f"influence: threshold must be a finite number >= 0, got {threshold}")
+
+
 def _soft(w, t):
     return jnp.sign(w) * jnp.maximum(jnp.abs(w) - t, 0.0)
 
@@ -76,6 +81,7 @@ def influence_estimates(masks, outputs, threshold: float = 0.0) -> Datamodels:
     small n; forget-set sums go through :func:`influence_forget_effects`.
     """
     x, y = check_fit_inputs(masks, outputs, "influence")
+    _check_threshold(threshold)
     c_in, c_out = _counts(x, "influence")
     s, sigma = _noise_scale(x, c_in, c_out, y)
     w = _influence_block(_design(x, c_in, c_out), y - y.mean(0), s, sigma, jnp.float32(threshold)).T
@@ -97,8 +103,7 @@ def influence_forget_effects(masks, outputs, forget_sets, threshold: float = 0.0
         raise JaxUnlearnError(f"influence: masks have {m} models but outputs have shape {np.shape(outputs)}")
     if not forget_sets:
         raise JaxUnlearnError("influence: no forget sets given")
-    if not np.isfinite(threshold) or threshold < 0:
-        raise JaxUnlearnError(f"influence: threshold must be a finite number >= 0, got {threshold}")
+    _check_threshold(threshold)
     fsets = [check_indices(f, n, "forget set") for f in forget_sets]
     c_in, c_out = _counts(x, "influence")
     d = _design(x, c_in, c_out)

@@ -11,6 +11,28 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
 
 
+def _setting_value(key: str, value, current):
+    """``value`` (parsed from --set) checked against the kind of setting ``key`` is."""
+    if isinstance(current, tuple):  # a list setting; a lone string is a one-item list
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise JaxUnlearnError(f"--set {key}: expected a list such as [\"a\", \"b\"] or [1, 2], got {value!r}")
+        return tuple(value)
+    if isinstance(current, bool) or (isinstance(current, int) and key != "epochs" and key != "chunk"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise JaxUnlearnError(f"--set {key}: expected an integer, got {value!r}")
+    elif isinstance(current, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise JaxUnlearnError(f"--set {key}: expected a number, got {value!r}")
+        return float(value)
+    elif key in ("epochs", "chunk") and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise JaxUnlearnError(f"--set {key}: expected an integer or null, got {value!r}")
+    elif isinstance(current, str) and key != "recipe" and not isinstance(value, str):
+        raise JaxUnlearnError(f"--set {key}: expected a string, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     dataset: str = "digits"
@@ -100,16 +122,15 @@ class PipelineConfig:
             elif len(parts) == 2 and parts[0] == "recipe":
                 from jaxunlearn.training.recipe import load_recipe, recipe_from_fields
 
-                fields = load_recipe(changes.get("recipe", self.recipe)).to_dict()
-                fields[parts[1]] = value
-                changes["recipe"] = recipe_from_fields(fields, f"--set {key}").to_dict()
-            elif len(parts) == 1 and parts[0] in fields:
-                if isinstance(value, list):
-                    value = tuple(value)
-                changes[key] = value
+                recipe = load_recipe(changes.get("recipe", self.recipe)).to_dict()
+                recipe[parts[1]] = value
+                changes["recipe"] = recipe_from_fields(recipe, f"--set {key}").to_dict()
+            elif len(parts) == 1 and parts[0] in fields and key != "method_overrides":
+                changes[key] = _setting_value(key, value, getattr(self, key))
             else:
                 raise JaxUnlearnError(f"--set {key!r}: not a pipeline setting; choose from "
-                                      f"{', '.join(fields)}, methods.METHOD.HYPERPARAMETER or recipe.FIELD")
+                                      f"{', '.join(f for f in fields if f != 'method_overrides')}, "
+                                      "methods.METHOD.HYPERPARAMETER or recipe.FIELD")
         return dataclasses.replace(self, **changes, method_overrides=overrides).validate()
 
     def method_kwargs(self, name: str) -> dict:

@@ -367,6 +367,11 @@ def run_method(exp: Experiment, spec: str, method: str, configs=None) -> list[di
     return rows
 
 
+def config_json(cfg: PipelineConfig) -> dict:
+    """The config as it reads back from a results file (tuples as lists)."""
+    return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}))
+
+
 def header(exp: Experiment) -> dict:
     """What every results file says about the experiment (before its rows)."""
     cfg = exp.cfg
@@ -375,7 +380,7 @@ def header(exp: Experiment) -> dict:
             "forget_sets": {s: [int(i) for i in f] for s, f in exp.forget.items()},
             "ensemble": {"full_models": cfg.full_models, "unlearned": exp.k2, "eval_oracles": exp.k2,
                          "datamodel_models": cfg.datamodel_models},
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+            "config": config_json(cfg)}
 
 
 def write_results(out: str, json_name: str, png_name: str, res: dict, log, table_fn) -> dict:
@@ -405,9 +410,10 @@ def _earlier_rows(out: str, exp: Experiment) -> dict:
             res = json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
-    same = {k: res["config"].get(k) for k in ("dataset", "recipe", "epochs", "seed", "full_models",
-                                               "datamodel_models", "alpha", "forget_effects")}
-    if same != {k: getattr(exp.cfg, k) for k in same}:
+    # the reference rows (none, OM, DMM) depend on every setting but which methods and forget sets run
+    ours = config_json(exp.cfg)
+    skip = ("methods", "forget_sets", "data_dir", "chunk")
+    if {k: v for k, v in res["config"].items() if k not in skip} != {k: v for k, v in ours.items() if k not in skip}:
         return {}
     rows: dict = {}
     for r in res["results"]:

@@ -137,7 +137,7 @@ def file_digests(folder: str) -> dict[str, str]:
     """{relative path ("/"-separated): sha256} of every file under ``folder`` but its checksums.json."""
     rels = [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
             for root, _, files in os.walk(folder) for f in files]
-    return {r: sha256_file(os.path.join(folder, r)) for r in sorted(rels) if r != CHECKSUMS}
+    return {r: sha256_file(os.path.join(folder, r)) for r in sorted(rels) if not r.startswith(CHECKSUMS)}
 
 
 def verify_folder(folder: str, skip: str | None = None) -> str | None:
@@ -177,12 +177,13 @@ def damaged_chunks(out: str, skip: str | None = None) -> dict[str, str]:
     return {n: p for n, p in zip(names, problems) if p}
 
 
-def adopt_legacy_chunks(out: str, log: Callable[[str], None]) -> None:
+def adopt_legacy_chunks(out: str, log: Callable[[str], None], only=None) -> None:
     """Chunks written before checksums existed (no checksums.json) whose outputs load and whose
-    checkpoint is there get their checksums recorded now, instead of being re-trained."""
+    checkpoint is there get their checksums recorded now, instead of being re-trained (``only``:
+    these chunk numbers, a worker's own)."""
     chunks_dir = os.path.join(out, "chunks")
     legacy = [n for n in sorted(os.listdir(chunks_dir)) if not n.startswith(".")
-              and not os.path.exists(os.path.join(chunks_dir, n, CHECKSUMS))]
+              and (only is None or int(n) in only) and not os.path.exists(os.path.join(chunks_dir, n, CHECKSUMS))]
     adopted = []
     for name in legacy:
         folder = os.path.join(chunks_dir, name)
@@ -243,7 +244,10 @@ def _save_npy_atomic(path: str, array) -> None:
 def _create_json_once(path: str, obj) -> bool:
     """Writes ``path`` only if it does not exist yet (atomically, across processes): True if this
     call created it."""
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    folder = os.path.dirname(os.path.abspath(path))
+    # the temporary file lives beside the run folder: inside it, a worker starting now would see a
+    # non-empty folder without config.json
+    tmp = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.config.{os.getpid()}.{os.urandom(4).hex()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     try:
@@ -362,7 +366,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     for name in os.listdir(chunks_dir):  # half-written chunks of a killed run (this worker's only)
         if name.startswith(".tmp-") and (worker is None or int(name.split("-")[1]) in mine):
             shutil.rmtree(os.path.join(chunks_dir, name), ignore_errors=True)
-    adopt_legacy_chunks(out, log)
+    adopt_legacy_chunks(out, log, None if worker is None else set(mine))
     for name, problem in damaged_chunks(out).items():
         if int(name) in mine:
             log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
@@ -405,8 +409,10 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     if verify:
         _raise_if_damaged(out)
     chunks_dir = os.path.join(out, "chunks")
-    if os.path.exists(os.path.join(out, CHECKSUMS)):
+    try:
         os.remove(os.path.join(out, CHECKSUMS))  # until the new files are all written
+    except FileNotFoundError:
+        pass
     names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
     logits = np.concatenate([np.load(os.path.join(chunks_dir, n, "outputs.npz"))["logits"] for n in names])
     labels = jnp.asarray(dataset.all_labels)

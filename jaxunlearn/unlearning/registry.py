@@ -6,6 +6,7 @@ targets, key, config)`` and a config class, plus one line here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import itertools
 from typing import Callable, NamedTuple
 
@@ -75,7 +76,7 @@ def make_config(name: str, **overrides):
         elif kinds[k] is int:
             try:
                 ok = float(v) == int(float(v))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ok = False
             if not ok:
                 raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
@@ -87,8 +88,8 @@ def make_config(name: str, **overrides):
                 v = float(v)
             except (TypeError, ValueError):
                 raise JaxUnlearnError(f"{name}: {k} must be a number, got {v!r}") from None
-            if v != v:
-                raise JaxUnlearnError(f"{name}: {k} is NaN")
+            if not math.isfinite(v) or v < 0:
+                raise JaxUnlearnError(f"{name}: {k} must be a finite number >= 0, got {v}")
             if k in UNIT_INTERVAL and not UNIT_INTERVAL[k][1](v):
                 raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k][0]}, got {v}")
         clean[k] = v
