@@ -36,6 +36,8 @@ def add_train_args(p):
     p.add_argument("--worker", default=None, metavar="I/N",
                    help="one of N processes sharing --out (a job array): train only chunks c with c %% N == I; "
                         "whoever finishes last assembles the run")
+    p.add_argument("--devices", type=int, default=None,
+                   help="local devices that share each chunk's models (default: all)")
     p.add_argument("--assemble", action="store_true", help="train nothing: assemble a run whose chunks are all there")
     p.add_argument("--no-progress", action="store_true")
 
@@ -95,7 +97,8 @@ def cmd_train(args) -> int:
     t = time.time()
     bar = Progress(cfg.models, f"train {cfg.dataset}/{cfg.recipe.model}", not args.no_progress)
     try:
-        summary = train_run(cfg, dataset, args.out, progress=bar, worker=worker, assemble_only=args.assemble)
+        summary = train_run(cfg, dataset, args.out, progress=bar, worker=worker, assemble_only=args.assemble,
+                            devices=args.devices)
     finally:
         bar.close()
     wall = time.time() - t

@@ -296,3 +296,18 @@ def test_two_workers_on_one_folder_give_the_single_process_run(reference_run, tm
     for bad in ("2/2", "x", "1/0"):
         assert main([*TRAIN, "--out", out, "--worker", bad]) == 2
         assert "--worker" in capsys.readouterr().err
+
+
+def test_two_local_devices_share_each_chunk_bit_identically(reference_run, tmp_path):
+    """The models axis of each chunk split across 2 (host-platform) devices: same margins as one device."""
+    from jaxunlearn.training import load_run
+
+    out = str(tmp_path / "run")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-m", "jaxunlearn", *TRAIN, "--out", out], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_run(out)["margins"].tobytes() == load_run(reference_run)["margins"].tobytes()
+    r = subprocess.run([sys.executable, "-m", "jaxunlearn", *TRAIN, "--out", out, "--devices", "3"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--devices must lie in [1, 2]" in r.stderr

@@ -2,7 +2,9 @@
 
 ``k`` models of a chunk are processed as ``lax.map`` over groups of ``vmap_width``
 ``vmap``ped models (``vmap_width >= k``: one plain ``vmap``; ``1``: a sequential map
-inside jit). One jitted call trains every model of the chunk for one epoch; there is
+inside jit); with several local devices the models axis is first split across them
+(``shard_map`` over a 1-D "models" mesh, data replicated), each device running that layout on
+its share. One jitted call trains every model of the chunk for one epoch; there is
 no Python loop over models or steps.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxunlearn.training.step import ModelState, Trainer
 
@@ -30,11 +34,46 @@ def model_keys(seed: int, model_ids) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(model_ids, jnp.uint32))
 
 
-class EnsembleFns:
-    """Jitted ensemble versions of a Trainer's functions, for a fixed chunk size and vmap width."""
+def models_mesh(devices) -> Mesh:
+    """A 1-D mesh named "models" over ``devices``."""
+    return Mesh(np.asarray(devices), ("models",))
 
-    def __init__(self, trainer: Trainer, n_models: int, vmap_width: int):
+
+def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, n_replicated: int = 0):
+    """``fn`` mapped over the leading models axis of all but its last ``n_replicated`` arguments, that
+    axis split evenly across ``devices`` (each runs :func:`map_models` on its share); the last
+    ``n_replicated`` arguments (data, scalars) go whole to every device. ``n_models`` must divide."""
+    local = n_models // len(devices)
+
+    def per_device(*args):
+        mapped, rest = args[:len(args) - n_replicated], args[len(args) - n_replicated:]
+        return map_models(lambda a: fn(*a, *rest), mapped, min(vmap_width, local), local)
+
+    def call(*args):
+        specs = tuple(P("models") if i < len(args) - n_replicated else P() for i in range(len(args)))
+        return jax.shard_map(per_device, mesh=models_mesh(devices), in_specs=specs, out_specs=P("models"),
+                             check_vma=False)(*args)
+
+    return call
+
+
+class EnsembleFns:
+    """Jitted ensemble versions of a Trainer's functions, for a fixed chunk size and vmap width,
+    the models axis split across ``devices`` (default: the first device only)."""
+
+    def __init__(self, trainer: Trainer, n_models: int, vmap_width: int, devices=None):
         self.trainer = trainer
+        devices = list(devices or jax.devices()[:1])
+        self.devices = devices if len(devices) > 1 and n_models % len(devices) == 0 else devices[:1]
+        if len(self.devices) > 1:
+            self.init = jax.jit(over_devices(lambda k: trainer.init(k), self.devices, n_models, vmap_width))
+            self.epoch = jax.jit(over_devices(lambda s, m, k, images, labels, e: trainer.run_epoch(s, images, labels, m, k, e),
+                                              self.devices, n_models, vmap_width, n_replicated=3), donate_argnums=0)
+            run = self.epoch
+            self.epoch = lambda states, images, labels, masks, keys, e: run(states, masks, keys, images, labels, e)
+            self.logits = jax.jit(over_devices(lambda p, s, images: trainer.logits(p, s, images), self.devices,
+                                               n_models, vmap_width, n_replicated=1))
+            return
         mm = lambda fn, xs: map_models(fn, xs, vmap_width, n_models)  # noqa: E731
 
         self.init = jax.jit(lambda keys: mm(trainer.init, keys))

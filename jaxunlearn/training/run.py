@@ -302,7 +302,7 @@ def _stderr(line: str) -> None:
 
 def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | None = None,
               log: Callable[[str], None] = _stderr, worker: tuple[int, int] | None = None,
-              assemble_only: bool = False) -> dict:
+              assemble_only: bool = False, devices: int | None = None) -> dict:
     """Trains (or resumes) the run ``cfg`` into folder ``out``; returns the summary dict.
 
     ``progress(models_done: float, total: int)`` is called after every epoch of every chunk.
@@ -315,6 +315,10 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     depend on how the run is split. Whichever worker finds every chunk present assembles the run;
     the others return ``{"complete": False, ...}``. ``assemble_only``: train nothing, assemble a
     complete run (an error lists the missing chunks otherwise).
+
+    ``devices``: how many local devices share each chunk (default: all); a chunk's models axis is
+    split across them (``shard_map``), each running the measured per-device layout. Results are
+    bit-identical to one device: every model runs the same program either way.
     """
     cfg.recipe.validate()
     if cfg.models < 1:
@@ -333,13 +337,17 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
 
     images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     all_images = jnp.asarray(dataset.all_images)
+    local = jax.local_devices()
+    if devices is not None and not 1 <= devices <= len(local):
+        raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
+    devs = local[:devices or len(local)]
     if resuming:
         with open(os.path.join(out, "config.json")) as f:
             chunk = json.load(f)["chunk_resolved"]
     else:
         vw0 = cfg.vmap_width or strat.vmap_width
-        chunk = cfg.chunk or auto_chunk(lambda k: EnsembleFns(trainer, k, min(vw0, k)), images, labels, masks,
-                                        cfg.seed, cfg.models)
+        chunk = cfg.chunk or len(devs) * auto_chunk(lambda k: EnsembleFns(trainer, k, min(vw0, k)), images, labels,
+                                                    masks, cfg.seed, cfg.models)  # per device, times the devices
     chunk = max(1, min(int(chunk), cfg.models))
     vmap_width = min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, chunk).vmap_width, chunk)
     run_dict.update(chunk_resolved=chunk, vmap_width_resolved=vmap_width, backend=backend)
@@ -383,7 +391,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                 progress(float(ids[-1] + 1), cfg.models)
             continue
         k = len(ids)
-        fns = fns_cache.setdefault(k, EnsembleFns(trainer, k, min(vmap_width, k)))
+        fns = fns_cache.setdefault(k, EnsembleFns(trainer, k, min(vmap_width, k), devs))
         cb = (lambda e, m: progress(ids[0] + k * (e + 1) / cfg.recipe.epochs, cfg.models)) if progress else None
         tc = time.time()
         states, _ = train_ensemble(trainer, images, labels, masks[ids], ids, cfg.seed, cfg.recipe.epochs,
