@@ -24,9 +24,21 @@ def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
     return np.sort(idx.astype(np.int64))
 
 
+def _private_tmp(path: str) -> str:
+    """A temporary name beside ``path`` that no concurrent writer shares."""
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Writes ``path`` whole or not at all (a temporary file renamed into place)."""
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # private: concurrent writers never share it
+    tmp = _private_tmp(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str, array) -> None:
+    """``np.save`` to ``path``, whole or not at all."""
+    tmp = _private_tmp(path) + ".npy"
+    np.save(tmp, array)
     os.replace(tmp, path)

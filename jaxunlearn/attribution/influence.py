@@ -45,15 +45,14 @@ def _counts(x, what: str):
 
 
 @jax.jit
-def _design(x, c_in, c_out):
-    """D f32[M, n] with infl = Dᵀ y."""
-    return x / c_in - (1.0 - x) / c_out
+def _design_and_scale(x, c_in, c_out):
+    """D f32[M, n] with infl = Dᵀ y, and s f32[n]: the standard error of infl[i, t] is s[i]·σ_t."""
+    return x / c_in - (1.0 - x) / c_out, jnp.sqrt(1.0 / c_in + 1.0 / c_out)
 
 
-@jax.jit
-def _noise_scale(x, c_in, c_out, y):
-    """Standard error of infl[i, t] up to the per-target σ_t: s_i f32[n] and σ_t f32[T]."""
-    return jnp.sqrt(1.0 / c_in + 1.0 / c_out), y.std(0)
+def _design(x):
+    """:func:`_design_and_scale` of masks x f32[M, n], every point checked to be both in and out."""
+    return _design_and_scale(x, *_counts(x, "influence"))
 
 
 def _check_threshold(threshold) -> None:
@@ -82,9 +81,8 @@ def influence_estimates(masks, outputs, threshold: float = 0.0) -> Datamodels:
     """
     x, y = check_fit_inputs(masks, outputs, "influence")
     _check_threshold(threshold)
-    c_in, c_out = _counts(x, "influence")
-    s, sigma = _noise_scale(x, c_in, c_out, y)
-    w = _influence_block(_design(x, c_in, c_out), y - y.mean(0), s, sigma, jnp.float32(threshold)).T
+    d, s = _design(x)
+    w = _influence_block(d, y - y.mean(0), s, y.std(0), jnp.float32(threshold)).T
     bias = y.mean(0) - jnp.dot(w, x.mean(0), precision=HIGHEST)
     return Datamodels(w, bias, jnp.full((y.shape[1],), threshold, jnp.float32))
 
@@ -105,9 +103,7 @@ def influence_forget_effects(masks, outputs, forget_sets, threshold: float = 0.0
         raise JaxUnlearnError("influence: no forget sets given")
     _check_threshold(threshold)
     fsets = [check_indices(f, n, "forget set") for f in forget_sets]
-    c_in, c_out = _counts(x, "influence")
-    d = _design(x, c_in, c_out)
-    s = jnp.sqrt(1.0 / c_in + 1.0 / c_out)
+    d, s = _design(x)
     a = jnp.stack([d[:, f].sum(1) for f in fsets])  # [S, M]: the raw sums are a weighting of the models
     t_total = int(np.shape(outputs)[1])
     out = np.zeros((len(fsets), t_total), np.float32)
@@ -149,9 +145,7 @@ def influence_lds(masks_fit, outputs_fit, masks_val, outputs_val, thresholds=DEF
     if x.shape[1] != xv.shape[1] or y.shape[1] != yv.shape[1]:
         raise JaxUnlearnError(f"influence LDS: fit data {x.shape}/{y.shape} and held-out data "
                               f"{xv.shape}/{yv.shape} do not match")
-    c_in, c_out = _counts(x, "influence")
-    d = _design(x, c_in, c_out)
-    s = jnp.sqrt(1.0 / c_in + 1.0 / c_out)
+    d, s = _design(x)
     taus = jnp.asarray(thresholds, jnp.float32)
     # predictions are centred on the fit means; Spearman is shift-invariant per target
     xv_c = xv - x.mean(0)

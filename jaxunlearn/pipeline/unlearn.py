@@ -44,8 +44,8 @@ from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
-from jaxunlearn.utils import write_json_atomic
-from jaxunlearn.training.ensemble import map_models
+from jaxunlearn.utils import save_npy_atomic, write_json_atomic
+from jaxunlearn.training.ensemble import EnsembleFns
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.errors import JaxUnlearnError
@@ -167,8 +167,7 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     if missing:
         dm_run = dm_run or load_run(dm_dir)
         for s, e in forget_effects(dm_run, cfg, missing, threshold).items():
-            np.save(paths[s] + ".tmp.npy", np.asarray(e, np.float32))
-            os.replace(paths[s] + ".tmp.npy", paths[s])  # whole or not at all
+            save_npy_atomic(paths[s], np.asarray(e, np.float32))
     info = {**info, "forget_effects": cfg.forget_effects, "forget_effects_seconds": time.time() - t,
             "forget_effects_cached": [s for s in forget if s not in missing]}
     return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
@@ -198,7 +197,7 @@ class Experiment(NamedTuple):
     data: UnlearnData
     keys: jax.Array  # key[k2], one per unlearned model
     vmap_width: int  # the ensemble layout of training, for unlearning and evaluation
-    logits_of: Any  # ensemble_logits_fn(trainer, vmap_width, k2)
+    logits_of: Any  # (params, batch_stats, images) -> f32[k2, P, C]: EnsembleFns' logits, training's layout
     t0: float
 
     @property
@@ -281,7 +280,7 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         effects=effects, attribution=attribution,
         data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images),
         keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
-        vmap_width=vmap_width, logits_of=ensemble_logits_fn(trainer, vmap_width, k2), t0=t0)
+        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width).logits, t0=t0)
 
 
 def noise_floor(exp: Experiment, spec: str) -> dict:
@@ -304,12 +303,6 @@ def method_targets(exp: Experiment, spec: str, kind: str | None):
     if kind == "datamodel":
         return dm_direct_logits(exp, spec)[:, :n]
     return None
-
-
-def ensemble_logits_fn(trainer, vmap_width: int, k: int):
-    """Jitted ``(params, batch_stats, images) -> f32[k, points, C]`` for k stacked models, in the
-    ensemble layout of training."""
-    return jax.jit(lambda p, s, x: map_models(lambda a: trainer.logits(a[0], a[1], x), (p, s), vmap_width, k))
 
 
 def ensemble_logits(exp: Experiment, params, batch_stats):

@@ -39,18 +39,23 @@ def models_mesh(devices) -> Mesh:
     return Mesh(np.asarray(devices), ("models",))
 
 
-def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, n_replicated: int = 0):
-    """``fn`` mapped over the leading models axis of all but its last ``n_replicated`` arguments, that
-    axis split evenly across ``devices`` (each runs :func:`map_models` on its share); the last
-    ``n_replicated`` arguments (data, scalars) go whole to every device. ``n_models`` must divide."""
+def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicated: tuple[int, ...] = ()):
+    """``fn`` mapped over the leading models axis of its arguments, that axis split evenly across
+    ``devices`` (each runs :func:`map_models` on its share); the arguments at positions
+    ``replicated`` (data, scalars) go whole to every device. ``n_models`` must divide."""
     local = n_models // len(devices)
 
     def per_device(*args):
-        mapped, rest = args[:len(args) - n_replicated], args[len(args) - n_replicated:]
-        return map_models(lambda a: fn(*a, *rest), mapped, min(vmap_width, local), local)
+        mapped = tuple(a for i, a in enumerate(args) if i not in replicated)
+
+        def one(model_args):
+            it = iter(model_args)
+            return fn(*(args[i] if i in replicated else next(it) for i in range(len(args))))
+
+        return map_models(one, mapped, min(vmap_width, local), local)
 
     def call(*args):
-        specs = tuple(P("models") if i < len(args) - n_replicated else P() for i in range(len(args)))
+        specs = tuple(P() if i in replicated else P("models") for i in range(len(args)))
         return jax.shard_map(per_device, mesh=models_mesh(devices), in_specs=specs, out_specs=P("models"),
                              check_vma=False)(*args)
 
@@ -66,13 +71,11 @@ class EnsembleFns:
         devices = list(devices or jax.devices()[:1])
         self.devices = devices if len(devices) > 1 and n_models % len(devices) == 0 else devices[:1]
         if len(self.devices) > 1:
-            self.init = jax.jit(over_devices(lambda k: trainer.init(k), self.devices, n_models, vmap_width))
-            self.epoch = jax.jit(over_devices(lambda s, m, k, images, labels, e: trainer.run_epoch(s, images, labels, m, k, e),
-                                              self.devices, n_models, vmap_width, n_replicated=3), donate_argnums=0)
-            run = self.epoch
-            self.epoch = lambda states, images, labels, masks, keys, e: run(states, masks, keys, images, labels, e)
-            self.logits = jax.jit(over_devices(lambda p, s, images: trainer.logits(p, s, images), self.devices,
-                                               n_models, vmap_width, n_replicated=1))
+            over = lambda fn, replicated=(): over_devices(fn, self.devices, n_models, vmap_width, replicated)  # noqa: E731
+            self.init = jax.jit(over(trainer.init))
+            # run_epoch(state, images, labels, mask, model_key, epoch): images, labels, epoch are shared
+            self.epoch = jax.jit(over(trainer.run_epoch, (1, 2, 5)), donate_argnums=0)
+            self.logits = jax.jit(over(trainer.logits, (2,)))
             return
         mm = lambda fn, xs: map_models(fn, xs, vmap_width, n_models)  # noqa: E731
 

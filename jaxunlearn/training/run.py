@@ -41,7 +41,7 @@ from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import default_strategy
-from jaxunlearn.utils import write_json_atomic
+from jaxunlearn.utils import save_npy_atomic, write_json_atomic
 from jaxunlearn.training.subsets import random_subset_masks, retain_masks, steps_per_epoch
 
 FORMAT_VERSION = 1
@@ -167,11 +167,12 @@ def verify_folder(folder: str, skip: str | None = None) -> str | None:
     return None
 
 
-def damaged_chunks(out: str, skip: str | None = None) -> dict[str, str]:
+def damaged_chunks(out: str, skip: str | None = None, only=None) -> dict[str, str]:
     """{chunk name: problem} of the finished chunks of run ``out`` that fail their checksums
-    (``skip="ckpt"``: all but the checkpoints, which :func:`load_chunk_variables` verifies when read)."""
+    (``skip="ckpt"``: all but the checkpoints, which :func:`load_chunk_variables` verifies when read;
+    ``only``: these chunk numbers)."""
     chunks_dir = os.path.join(out, "chunks")
-    names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
+    names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith(".") and (only is None or int(n) in only))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib hashes outside the GIL
         problems = pool.map(lambda n: verify_folder(os.path.join(chunks_dir, n), skip), names)
     return {n: p for n, p in zip(names, problems) if p}
@@ -233,12 +234,6 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
         shutil.rmtree(tmp, ignore_errors=True)
         return False
     return True
-
-
-def _save_npy_atomic(path: str, array) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def _create_json_once(path: str, obj) -> bool:
@@ -349,8 +344,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         chunk = cfg.chunk or len(devs) * auto_chunk(lambda k: EnsembleFns(trainer, k, min(vw0, k)), images, labels,
                                                     masks, cfg.seed, cfg.models)  # per device, times the devices
     chunk = max(1, min(int(chunk), cfg.models))
-    vmap_width = min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, chunk).vmap_width, chunk)
-    run_dict.update(chunk_resolved=chunk, vmap_width_resolved=vmap_width, backend=backend)
+    width_for = lambda c: min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, c).vmap_width, c)  # noqa: E731
+    run_dict.update(chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend)
 
     chunks_dir = os.path.join(out, "chunks")
     os.makedirs(out, exist_ok=True)
@@ -359,9 +354,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         _check_out(out, run_dict)  # another worker created the run first: same config, and its chunk size
         with open(os.path.join(out, "config.json")) as f:
             chunk = json.load(f)["chunk_resolved"]
-        vmap_width = min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, chunk).vmap_width, chunk)
+    vmap_width = width_for(chunk)
     os.makedirs(chunks_dir, exist_ok=True)
-    _save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy
+    save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy
     n_chunks = -(-cfg.models // chunk)
     if assemble_only:
         missing = missing_chunks(out, n_chunks)
@@ -374,11 +369,11 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     for name in os.listdir(chunks_dir):  # half-written chunks of a killed run (this worker's only)
         if name.startswith(".tmp-") and (worker is None or int(name.split("-")[1]) in mine):
             shutil.rmtree(os.path.join(chunks_dir, name), ignore_errors=True)
-    adopt_legacy_chunks(out, log, None if worker is None else set(mine))
-    for name, problem in damaged_chunks(out).items():
-        if int(name) in mine:
-            log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
-            shutil.rmtree(os.path.join(chunks_dir, name))
+    own = None if worker is None else set(mine)
+    adopt_legacy_chunks(out, log, own)
+    for name, problem in damaged_chunks(out, only=own).items():
+        log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
+        shutil.rmtree(os.path.join(chunks_dir, name))
 
     fns_cache: dict[int, EnsembleFns] = {}
     t0 = time.time()
@@ -428,8 +423,8 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     n = dataset.n_train
     acc_train = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, :n]), labels[:n]))
     acc_test = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, n:]), labels[n:]))
-    _save_npy_atomic(os.path.join(out, "logits.npy"), logits)
-    _save_npy_atomic(os.path.join(out, "margins.npy"), margins)
+    save_npy_atomic(os.path.join(out, "logits.npy"), logits)
+    save_npy_atomic(os.path.join(out, "margins.npy"), margins)
     write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})
     summary = {"complete": True, "models": int(logits.shape[0]), "mean_train_accuracy": float(acc_train.mean()),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
