@@ -130,6 +130,15 @@ def cmd_pipeline(args) -> int:
     over = {"forget_sets": tuple(args.forget) if args.forget else None,
             "methods": tuple(args.methods) if args.methods else None, "data_dir": args.data_dir}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None}).validate()
+    if args.worker:
+        from jaxunlearn.pipeline.unlearn import train_share
+        from jaxunlearn.training.run import parse_worker
+
+        worker = parse_worker(args.worker)
+        done = train_share(cfg, args.out, worker, progress=not args.no_progress)
+        print(f"worker {args.worker}: " + ("every ensemble is complete; run `pipeline` without --worker to go on"
+                                           if done else "my chunks are done; other workers' chunks still to come"))
+        return 0
     run_pipeline(cfg, args.out, progress=not args.no_progress)
     return 0
 
@@ -213,7 +222,10 @@ def build_parser():
     u.add_argument("--out", required=True)
     u.add_argument("--data-dir", default=None)
     u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
-    u.add_argument("--methods", nargs="+", default=None, help=" ".join(ALL_METHODS))
+    u.add_argument("--methods", nargs="+", default=None, help=" ".join(ALL_METHODS) + " or METHOD@MASK")
+    u.add_argument("--worker", default=None, metavar="I/N",
+                   help="one of N processes of a job array sharing --out: train only this worker's chunks of every "
+                        "ensemble, then stop; `pipeline` without --worker goes on from the finished folders")
     u.add_argument("--no-progress", action="store_true")
     u.set_defaults(func=cmd_pipeline)
     w = sub.add_parser("sweep", help="a hyperparameter grid of one method, every point evaluated (resumes the "

@@ -11,7 +11,7 @@ from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning import (METHODS, SCRUBConfig, UnlearnData, get_method, make_config, parse_grid, scrub,
                                    unlearn_ensemble, unlearn_grid)
 from jaxunlearn.unlearning.finetune import run_sgd, sgd
-from jaxunlearn.unlearning.salun import forget_gradient, saliency_mask
+from jaxunlearn.unlearning.salun import forget_gradient, salun_mask
 from jaxunlearn.unlearning.scrub import retain_batches, scrub_losses
 
 K = 8
@@ -27,7 +27,8 @@ def mlps(digits):
     fns = EnsembleFns(tr, K, K)
     states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
                                np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images)
+    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images,
+                        init=lambda k: tuple(tr.init(k)[:2]))
     logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
     return tr, fns, states, data, logits
 
@@ -83,7 +84,7 @@ def test_salun_leaves_unmasked_weights_bit_identical(mlps):
     p, _, _ = _run(mlps, "salun", cfg)
     one = lambda t, i=0: jax.tree.map(lambda x: x[i], t)  # noqa: E731
     grads = forget_gradient(one(states.params), one(states.batch_stats), data, jnp.asarray(FORGET), cfg.batch_size)
-    mask = saliency_mask(grads, cfg.saliency_fraction)
+    mask = salun_mask(grads, cfg.saliency_fraction)
     sizes = sum(x.size for x in jax.tree.leaves(mask))
     assert sum(int(x.sum()) for x in jax.tree.leaves(mask)) == round(0.3 * sizes)
     changed = 0
@@ -168,16 +169,25 @@ def test_experiment_configs_parse(tmp_path):
     exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
     for name in ("cifar10_paper.json", "cifar10_mini.json", "cifar10_mini_cpu.json"):
         cfg = PipelineConfig.from_json(os.path.join(exp, name))
-        assert set(cfg.methods) == set(METHODS) | {"none", "dm-direct"}
+        assert set(cfg.methods) == set(METHODS) - {"del"} | {"none", "dm-direct"}  # DEL: its own configs
         for m in METHODS:
             cfg.method_config(m)
     for name in ("cifar10_baseline_grid.json", "cifar10_mini_cpu_grid.json"):
         with open(os.path.join(exp, name)) as f:
             grid = json.load(f)
-        assert set(grid["grids"]) == set(METHODS)
+        assert set(grid["grids"]) == set(METHODS) - {"del"}
         cfg = PipelineConfig.from_json(os.path.join(exp, grid["pipeline"]))
         for m, items in grid["grids"].items():
             assert len(parse_grid(m, items, base=cfg.method_kwargs(m))) >= 6
+    for name in ("del_digits_cnn_grid.json", "del_cifar10_mini_cpu_grid.json", "del_cifar10_resnet18_grid.json"):  # DEL's comparison grids
+        with open(os.path.join(exp, name)) as f:
+            grid = json.load(f)
+        cfg = PipelineConfig.from_json(os.path.join(exp, grid["pipeline"]))
+        for m in grid["methods"]:
+            for loc in grid["localizations"]:
+                configs = parse_grid(f"{m}@{loc}", grid["grids"][m], base=cfg.method_kwargs(f"{m}@{loc}"))
+                assert configs[0].epochs == cfg.method_config(m).epochs  # the same budget as the method alone
+        assert len(parse_grid("del", grid["grids"]["del"], base=cfg.method_kwargs("del"))) >= 3
     # a sweep starts from the pipeline's settings of the method; the grid overrides only what it names
     cfg = PipelineConfig(method_overrides={"dmm": {"retain_per_epoch": 512, "batch_size": 128},
                                            "gd": {"epochs": 3}})
@@ -232,7 +242,7 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
     assert cfg.full_models == 8 and cfg.method_kwargs("gd") == {"lr": 0.5, "epochs": 5}
     for bad, msg in ((["nonsense=1"], "not a pipeline setting"), (["methods.gd.warp=1"], "gd has no hyperparameter"),
                      (["forget_effects"], "write KEY=VALUE"), (["methods.dmm.optimizer=lbfgs"], "optimizer must be"),
-                     (["recipe.warp=2"], "unknown fields \\['warp'\\]"), (["recipe.model=vit"], "unknown model"),
+                     (["recipe.warp=2"], "unknown fields \\['warp'\\]"), (["recipe.model=transformer"], "unknown model"),
                      (["recipe.epochs=20", "momentum=0.5"], "not a pipeline setting"),
                      (['method_overrides={"ga":{"lr":0.1}}'], "not a pipeline setting"),
                      (["influence_thresholds=2"], "expected a list"), (["full_models=abc"], "expected an integer"),

@@ -22,17 +22,36 @@ def test_im2col_conv_equals_xla_conv(k, stride, pad):
 
 
 @pytest.mark.parametrize("name,shape,width", [("resnet9", (32, 32, 3), 0.125), ("resnet18", (16, 16, 3), 0.125),
-                                              ("cnn", (8, 8, 1), 1.0), ("mlp", (8, 8, 1), 1.0)])
+                                              ("cnn", (8, 8, 1), 1.0), ("mlp", (8, 8, 1), 1.0),
+                                              ("vit", (32, 32, 3), 0.0625), ("vit", (8, 8, 1), 0.0625)])
 def test_models_map_images_to_logits(name, shape, width):
     m = make_model(name, 10, width)
     x = jnp.ones((3, *shape))
     v = jax.jit(lambda x: m.init(jax.random.key(0), x, train=False))(x)
     y, new = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert y.shape == (3, 10) and y.dtype == jnp.float32
-    assert ("batch_stats" in v) == (name != "mlp")
+    assert ("batch_stats" in v) == (name not in ("mlp", "vit"))
     # same parameters, either conv formulation, same outputs
     y2 = jax.jit(lambda v, x: make_model(name, 10, width, impl="xla").apply(v, x, train=False))(v, x)
     np.testing.assert_allclose(jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x), y2, rtol=1e-4, atol=1e-4)
+
+
+def test_vit_is_the_del_papers_small_data_vit():
+    from jaxunlearn.models.vit import shifted_patches
+
+    m = make_model("vit", 10, 1.0)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+    # the authors' ViT(patch 8, dim 512, depth 4, heads 8, dim_head 64, mlp 1536) on 32x32x3, 10 classes:
+    # SPT (LN 960 + 960x512 + b) + cls + pos(17) + 4 x (LN, qkv 512x1536, temperature, out 512x512 + b,
+    # LN, 512x1536 + b, 1536x512 + b) + head (LN, 512x10 + b)
+    spt = 2 * 960 + 960 * 512 + 512
+    block = 2 * 512 + 512 * 1536 + 1 + 512 * 512 + 512 + 2 * 512 + 512 * 1536 + 1536 + 1536 * 512 + 512
+    assert n == spt + 512 + 17 * 512 + 4 * block + 2 * 512 + 512 * 10 + 10
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    t = shifted_patches(x, 2)
+    assert t.shape == (2, 4, 2 * 2 * 5)
+    assert float(t[0, 0, 0]) == 0.0 and float(t[0, 0, 1]) == 1.0  # patch 0, pixel (0,0): x, then x shifted left
 
 
 def test_resnet9_is_the_paper_model():
@@ -48,7 +67,7 @@ def test_resnet9_is_the_paper_model():
 
 
 def test_bad_model_names():
-    with pytest.raises(JaxUnlearnError, match="unknown model 'vit'"):
-        make_model("vit", 10)
+    with pytest.raises(JaxUnlearnError, match="unknown model 'transformer'"):
+        make_model("transformer", 10)
     with pytest.raises(JaxUnlearnError, match="unknown conv implementation"):
         make_model("cnn", 10, impl="fft")

@@ -105,7 +105,7 @@ def test_chunk_checkpoint_restores_the_models(reference_run):
 
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "mnist"], "unknown data set 'mnist'"),
-    (["--model", "vit"], "unknown model 'vit'"),
+    (["--model", "transformer"], "unknown model 'transformer'"),
     (["--alpha", "0"], r"--alpha must lie in \(0, 1\], got 0.0"),
     (["--alpha", "1.5"], r"--alpha must lie in \(0, 1\], got 1.5"),
     (["--models", "0"], "--models must be >= 1, got 0"),

@@ -4,6 +4,10 @@
 * ``class:C``    every training point of class C.
 * ``cluster:K:J`` a semantically coherent subpopulation: k-means with K clusters on penultimate-layer
   embeddings of a trained model; the points of cluster J that carry that cluster's most common label.
+* ``classes:A,B,...:N`` N points drawn uniformly from the classes listed only (the DEL paper's
+  non-IID forget set: ``classes:2,5:5000`` on CIFAR-10).
+* ``memorized:N`` the N most memorized training points (Feldman-Zhang memorization from the
+  α-subset ensemble, :func:`jaxunlearn.metrics.memorization`).
 """
 from __future__ import annotations
 
@@ -49,15 +53,30 @@ def kmeans(x, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
     return np.asarray(assign)
 
 
-KINDS = {"random": 1, "class": 1, "cluster": 2}
+KINDS = {"random": 1, "class": 1, "cluster": 2, "classes": 2, "memorized": 1}
+NEEDS_MODELS = {"cluster": "embeddings of a trained model", "memorized": "memorization scores of a subset ensemble"}
 
 
-def parse_forget_spec(spec: str, n_train: int) -> tuple[str, list[int]]:
-    """Checks a spec's form and numbers (everything that needs no trained model)."""
+def parse_forget_spec(spec: str, n_train: int) -> tuple[str, list]:
+    """Checks a spec's form and numbers (everything that needs no trained model). ``classes``
+    returns [[class, ...], N]."""
     kind, *parts = spec.split(":")
     if kind not in KINDS:
-        raise JaxUnlearnError(f"unknown forget set kind {kind!r} in {spec!r}; use random:N, class:C or cluster:K:J")
+        raise JaxUnlearnError(f"unknown forget set kind {kind!r} in {spec!r}; use random:N, class:C, cluster:K:J, "
+                              "classes:A,B:N or memorized:N")
+    if kind == "classes":
+        if len(parts) != 2:
+            raise JaxUnlearnError(f"forget set {spec!r}: write classes:A,B,...:N")
+        classes = _ints(spec, parts[0].split(","), len(parts[0].split(",")))
+        (size,) = _ints(spec, parts[1:], 1)
+        if len(set(classes)) != len(classes):
+            raise JaxUnlearnError(f"forget set {spec!r}: a class is listed twice")
+        if not 0 < size < n_train:
+            raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}]")
+        return kind, [classes, size]
     nums = _ints(spec, parts, KINDS[kind])
+    if kind == "memorized" and not 0 < nums[0] < n_train:
+        raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}] for {n_train} training points")
     if kind == "random" and not 0 < nums[0] < n_train:
         raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}] for {n_train} training points")
     if kind == "cluster" and not 0 <= nums[1] < nums[0]:
@@ -65,9 +84,9 @@ def parse_forget_spec(spec: str, n_train: int) -> tuple[str, list[int]]:
     return kind, nums
 
 
-def make_forget_set(spec: str, labels, embeddings=None, seed: int = 0) -> np.ndarray:
+def make_forget_set(spec: str, labels, embeddings=None, seed: int = 0, memorization=None) -> np.ndarray:
     """Sorted train indices i64[f] of the forget set ``spec``. labels: i32[n_train];
-    embeddings: f32[n_train, D] (needed for cluster sets)."""
+    embeddings: f32[n_train, D] (needed for cluster sets); memorization: f32[n_train] (memorized sets)."""
     labels = np.asarray(labels)
     n = labels.shape[0]
     kind, nums = parse_forget_spec(spec, n)
@@ -94,6 +113,23 @@ def make_forget_set(spec: str, labels, embeddings=None, seed: int = 0) -> np.nda
             raise JaxUnlearnError(f"forget set {spec!r}: cluster {j} is empty")
         major = np.bincount(labels[members]).argmax()
         idx = members[labels[members] == major]
+    elif kind == "classes":
+        classes, size = nums
+        pool = np.flatnonzero(np.isin(labels, classes))
+        missing = [c for c in classes if not np.any(labels == c)]
+        if missing:
+            raise JaxUnlearnError(f"forget set {spec!r}: no training point has class {missing[0]}")
+        if size > pool.size:
+            raise JaxUnlearnError(f"forget set {spec!r}: classes {classes} have only {pool.size} training points")
+        idx = np.random.default_rng([seed, 11]).choice(pool, size, replace=False)
+    elif kind == "memorized":
+        (size,) = nums
+        if memorization is None:
+            raise JaxUnlearnError(f"forget set {spec!r} needs {NEEDS_MODELS['memorized']}")
+        mem = np.asarray(memorization, np.float64)
+        if mem.shape != (n,):
+            raise JaxUnlearnError(f"forget set {spec!r}: memorization has shape {mem.shape}, expected ({n},)")
+        idx = np.argsort(-mem, kind="stable")[:size]
     idx = check_indices(idx, n)
     if idx.size == n:
         raise JaxUnlearnError(f"forget set {spec!r} is the whole training set")

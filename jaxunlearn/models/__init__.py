@@ -7,13 +7,14 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models.adapter import flax_apply
 from jaxunlearn.models.layers import CONV_IMPLS, Conv, ConvBN, im2col_conv, xla_conv
 from jaxunlearn.models.nets import MLP, ResNet9, ResNet18, SmallCNN
+from jaxunlearn.models.vit import ViT
 
-MODELS = {"resnet9": ResNet9, "resnet18": ResNet18, "cnn": SmallCNN, "mlp": MLP}
+MODELS = {"resnet9": ResNet9, "resnet18": ResNet18, "cnn": SmallCNN, "mlp": MLP, "vit": ViT}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_model(name: str, num_classes: int, width: float = 1.0, impl: str = "im2col", dtype: str = "float32"):
-    """A flax module by name (resnet9, resnet18, cnn, mlp)."""
+    """A flax module by name (resnet9, resnet18, cnn, mlp, vit)."""
     if name not in MODELS:
         raise JaxUnlearnError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if impl not in CONV_IMPLS:
@@ -26,4 +27,4 @@ def make_model(name: str, num_classes: int, width: float = 1.0, impl: str = "im2
 
 
 __all__ = ["flax_apply", "MODELS", "make_model", "Conv", "ConvBN", "im2col_conv", "xla_conv", "ResNet9", "ResNet18",
-           "SmallCNN", "MLP", "CONV_IMPLS"]
+           "SmallCNN", "MLP", "ViT", "CONV_IMPLS"]

@@ -8,7 +8,7 @@ import os
 from jaxunlearn.attribution.effects import ESTIMATORS
 from jaxunlearn.attribution.influence import DEFAULT_THRESHOLDS
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.unlearning.registry import ALL_METHODS, make_config
+from jaxunlearn.unlearning.registry import ALL_METHODS, get_method, make_config
 
 
 def _setting_value(key: str, value, current):
@@ -82,9 +82,11 @@ class PipelineConfig:
         return cls(**d).validate()
 
     def validate(self) -> "PipelineConfig":
-        bad = [m for m in self.methods if m not in ALL_METHODS]
-        if bad:
-            raise JaxUnlearnError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}")
+        for m in self.methods:
+            if "@" in m:
+                get_method(m)  # METHOD@MASK: names the part that is unknown
+            elif m not in ALL_METHODS:
+                raise JaxUnlearnError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or METHOD@MASK")
         if self.full_models < 4 or self.full_models % 2:
             raise JaxUnlearnError(f"full_models must be an even number >= 4, got {self.full_models}")
         if self.datamodel_models < 20:
@@ -134,8 +136,10 @@ class PipelineConfig:
         return dataclasses.replace(self, **changes, method_overrides=overrides).validate()
 
     def method_kwargs(self, name: str) -> dict:
-        """This config's hyperparameters for a method (over the method's defaults)."""
-        return dict(self.method_overrides.get(name, {}))
+        """This config's hyperparameters for a method (over the method's defaults). ``METHOD@MASK``
+        starts from METHOD's (the same recipe, restricted), then its own."""
+        base = self.method_overrides.get(name.partition("@")[0], {}) if "@" in name else {}
+        return {**base, **self.method_overrides.get(name, {})}
 
     def method_config(self, name: str, extra: dict | None = None):
         """The config a method runs with: its defaults, updated by :meth:`method_kwargs` and ``extra``."""

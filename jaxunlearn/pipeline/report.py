@@ -21,25 +21,27 @@ def _config_note(r: dict) -> str:
 
 
 def table(res: dict, with_config: bool = False) -> str:
-    head = (f"{'forget set':<16}{'method':<16}{'KLoM forget':>12}{'retain':>9}{'val':>9}{'mean':>9}"
-            f"{'acc F':>8}{'acc R':>8}{'acc test':>9}{'compute':>9}{'MIA AUC':>9}")
+    w = max([16] + [len(r["method"]) + 2 for r in res["results"]])
+    head = (f"{'forget set':<16}{'method':<{w}}{'KLoM forget':>12}{'retain':>9}{'val':>9}{'mean':>9}"
+            f"{'acc F':>8}{'acc R':>8}{'acc test':>9}{'ToW':>7}{'compute':>9}{'MIA AUC':>9}")
     lines = [head, "-" * len(head)]
     for spec, nf in res["noise_floor"].items():
-        lines.append(f"{spec:<16}{'(noise floor)':<16}{nf['forget']:>12.3f}{nf['retain']:>9.3f}{nf['val']:>9.3f}"
+        lines.append(f"{spec:<16}{'(noise floor)':<{w}}{nf['forget']:>12.3f}{nf['retain']:>9.3f}{nf['val']:>9.3f}"
                      f"{nf['mean']:>9.3f}")
         for r in res["results"]:
             if r["forget_set"] != spec:
                 continue
             note = f"  {_config_note(r)}" if with_config else ""
             if r.get("diverged_models"):
-                lines.append(f"{'':<16}{r['method']:<16}  diverged: NaN/inf outputs in {r['diverged_models']} "
+                lines.append(f"{'':<16}{r['method']:<{w}}  diverged: NaN/inf outputs in {r['diverged_models']} "
                              f"model(s){100 * r['compute_fraction']:>17.2f}%{'':>9}" + note)
                 continue
             k, a = r["klom"], r["accuracy"]
             mia = (r.get("mia") or {}).get("auc", float("nan"))
-            lines.append(f"{'':<16}{r['method']:<16}{k['forget']:>12.3f}{k['retain']:>9.3f}{k['val']:>9.3f}"
+            tow = r.get("tow", float("nan"))
+            lines.append(f"{'':<16}{r['method']:<{w}}{k['forget']:>12.3f}{k['retain']:>9.3f}{k['val']:>9.3f}"
                          f"{k['mean']:>9.3f}{100 * a['forget']:>7.1f}%{100 * a['retain']:>7.1f}%"
-                         f"{100 * a['test']:>8.1f}%{100 * r['compute_fraction']:>8.2f}%{mia:>9.3f}" + note)
+                         f"{100 * a['test']:>8.1f}%{tow:>7.3f}{100 * r['compute_fraction']:>8.2f}%{mia:>9.3f}" + note)
     lines.append("LDS of datamodels: " + ", ".join(f"{k} {v:.3f}" for k, v in res["lds"].items()))
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxunlearn.attribution import fit_lasso, fit_ridge, forget_set_effects, influence_lds, lds
 from jaxunlearn.data import load_dataset
-from jaxunlearn.data.forget_sets import make_forget_set, parse_forget_spec
+from jaxunlearn.data.forget_sets import NEEDS_MODELS, make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
 from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
@@ -49,6 +49,7 @@ from jaxunlearn.training.ensemble import EnsembleFns
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.metrics.memorization import accuracy_gaps, memorization, tug_of_war
 from jaxunlearn.metrics.mia import mia
 from jaxunlearn.unlearning import UnlearnData, config_dict, get_method, unlearn_grid
 
@@ -79,10 +80,10 @@ def safe_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", spec)
 
 
-def train_with_progress(cfg: RunConfig, dataset, out: str, desc: str, progress: bool) -> dict:
+def train_with_progress(cfg: RunConfig, dataset, out: str, desc: str, progress: bool, worker=None) -> dict:
     bar = Progress(cfg.models, desc, progress)
     try:
-        return train_run(cfg, dataset, out, progress=bar)
+        return train_run(cfg, dataset, out, progress=bar, worker=worker)
     finally:
         bar.close()
 
@@ -173,6 +174,19 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
 
 
+def cached_memorization(dm_dir: str, n_train: int, cache_dir: str) -> np.ndarray:
+    """Feldman-Zhang memorization of every training point from the α-subset ensemble, f32[n_train]
+    (correct = margin > 0), stored under ``cache_dir`` keyed by the datamodel run's config."""
+    with open(os.path.join(dm_dir, "config.json")) as f:
+        path = _cache_path(cache_dir, {"run": json.load(f), "memorization": 1}) + ".npy"
+    if not os.path.isfile(path):
+        masks = np.load(os.path.join(dm_dir, "masks.npy"))
+        margins = np.load(os.path.join(dm_dir, "margins.npy"), mmap_mode="r")[:, :n_train]
+        os.makedirs(cache_dir, exist_ok=True)
+        save_npy_atomic(path, np.asarray(memorization(masks, np.asarray(margins)), np.float32))
+    return np.load(path)
+
+
 class Data(NamedTuple):
     """Step 1's output: the data set and the training recipe."""
 
@@ -194,6 +208,7 @@ class Experiment(NamedTuple):
     oracles: dict  # {spec: oracle run}
     effects: dict  # {spec: f32[P, C]} each forget set's summed datamodel effect
     attribution: dict  # LDS of every estimator and the fit details
+    memorization: np.ndarray  # f32[n_train] Feldman-Zhang memorization from the datamodel ensemble
     data: UnlearnData
     keys: jax.Array  # key[k2], one per unlearned model
     vmap_width: int  # the ensemble layout of training, for unlearning and evaluation
@@ -213,42 +228,74 @@ def prepare_data(cfg: PipelineConfig) -> Data:
     cfg.validate()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     for spec in cfg.forget_sets:
-        if parse_forget_spec(spec, dataset.n_train)[0] != "cluster":
+        if parse_forget_spec(spec, dataset.n_train)[0] not in NEEDS_MODELS:
             make_forget_set(spec, dataset.train_labels, seed=cfg.seed)
     return Data(dataset, load_recipe(cfg.recipe).with_epochs(cfg.epochs))
 
 
-def train_base_ensembles(cfg: PipelineConfig, data: Data, out: str, progress: bool) -> tuple[str, str]:
+def train_base_ensembles(cfg: PipelineConfig, data: Data, out: str, progress: bool, worker=None) -> tuple[str, str]:
     """The datamodel ensemble (``datamodels/``, α-subsets) and the full models (``full/``)."""
+    return train_base_share(cfg, data, out, progress, worker)[:2]
+
+
+def train_base_share(cfg: PipelineConfig, data: Data, out: str, progress: bool, worker=None) -> tuple[str, str, bool]:
+    """:func:`train_base_ensembles` for worker ``(I, N)`` of a job array (None: all of it); also
+    whether both runs are complete."""
     os.makedirs(out, exist_ok=True)
     dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
-    train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, data.recipe, cfg.seed, cfg.alpha,
-                                  chunk=cfg.chunk), data.dataset, dm_dir, "datamodel ensemble", progress)
-    train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0, chunk=cfg.chunk),
-                        data.dataset, full_dir, "full models", progress)
-    return dm_dir, full_dir
+    a = train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, data.recipe, cfg.seed, cfg.alpha,
+                                      chunk=cfg.chunk), data.dataset, dm_dir, "datamodel ensemble", progress, worker)
+    b = train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0, chunk=cfg.chunk),
+                            data.dataset, full_dir, "full models", progress, worker)
+    return dm_dir, full_dir, a.get("complete", True) and b.get("complete", True)
 
 
-def make_forget_sets(cfg: PipelineConfig, dataset, trainer, full_vars) -> dict:
-    """{spec: sorted train indices}; ``cluster:K:J`` clusters full model 0's penultimate features."""
+def make_forget_sets(cfg: PipelineConfig, dataset, trainer, full_vars, memorization=None) -> dict:
+    """{spec: sorted train indices}; ``cluster:K:J`` clusters full model 0's penultimate features,
+    ``memorized:N`` reads ``memorization`` f32[n_train]."""
     embeddings = None
     if any(parse_forget_spec(s, dataset.n_train)[0] == "cluster" for s in cfg.forget_sets):
         first = jax.tree.map(lambda t: t[0], full_vars)
         embeddings = np.asarray(jax.jit(trainer.embed)(first["params"], first["batch_stats"],
                                                        jnp.asarray(dataset.train_images)))
-    return {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed) for s in cfg.forget_sets}
+    return {s: make_forget_set(s, dataset.train_labels, embeddings, cfg.seed, memorization) for s in cfg.forget_sets}
 
 
-def train_oracles(cfg: PipelineConfig, data: Data, forget: dict, out: str, progress: bool) -> dict:
-    """K oracles per forget set (``oracle-<spec>/``): oracle k is full model k trained without F."""
+def train_oracles(cfg: PipelineConfig, data: Data, forget: dict, out: str, progress: bool, worker=None) -> dict:
+    """K oracles per forget set (``oracle-<spec>/``): oracle k is full model k trained without F.
+    A worker ``(I, N)`` of a job array trains its chunks only and returns {spec: complete?}."""
     oracles = {}
     for spec, f_idx in forget.items():
         o_dir = os.path.join(out, "oracle-" + safe_name(spec))
-        train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0,
-                                      forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), data.dataset, o_dir,
-                            f"oracles {spec} (|F|={len(f_idx)})", progress)
-        oracles[spec] = load_run(o_dir)
+        r = train_with_progress(RunConfig(cfg.dataset, cfg.full_models, data.recipe, cfg.seed, 1.0,
+                                          forget=tuple(int(i) for i in f_idx), chunk=cfg.chunk), data.dataset, o_dir,
+                                f"oracles {spec} (|F|={len(f_idx)})", progress, worker)
+        oracles[spec] = r.get("complete", True) if worker else load_run(o_dir)
     return oracles
+
+
+def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress: bool = True, log=print) -> bool:
+    """The pipeline's training as worker ``(I, N)`` of a scheduler job array: this worker's chunks of
+    the datamodel ensemble, the full models and every forget set's oracles, in one shared folder.
+    Forget sets that need trained models (``cluster``, ``memorized``) are made only once both base
+    ensembles are complete (run the array again after that, or let the final step train the rest).
+    Returns whether every ensemble is complete; then ``pipeline`` without ``--worker`` goes on from
+    the finished folders (and trains whatever is still missing)."""
+    data = prepare_data(cfg)
+    dm_dir, full_dir, base_done = train_base_share(cfg, data, out, progress, worker)
+    needs = [s for s in cfg.forget_sets if parse_forget_spec(s, data.dataset.n_train)[0] in NEEDS_MODELS]
+    if needs and not base_done:
+        log(f"worker {worker[0]}/{worker[1]}: forget sets {', '.join(needs)} need the finished base ensembles; "
+            "their oracles come in a later stage (this command again once every worker is done, or `pipeline`)")
+        return False
+    if needs:
+        full = load_run(full_dir)
+        mem = cached_memorization(dm_dir, data.dataset.n_train, os.path.join(out, "datamodel-fits"))
+        forget = make_forget_sets(cfg, data.dataset, trainer_for_run(full, data.dataset), load_models(full_dir), mem)
+    else:
+        forget = {s: make_forget_set(s, data.dataset.train_labels, seed=cfg.seed) for s in cfg.forget_sets}
+    done = train_oracles(cfg, data, forget, out, progress, worker)
+    return base_done and all(done.values())
 
 
 def fit_attribution(cfg: PipelineConfig, dm_dir: str, forget: dict, out: str) -> tuple[dict, dict]:
@@ -265,7 +312,8 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
     full = load_run(full_dir)
     trainer = trainer_for_run(full, data.dataset)
     full_vars = load_models(full_dir)
-    forget = make_forget_sets(cfg, data.dataset, trainer, full_vars)
+    mem = cached_memorization(dm_dir, data.dataset.n_train, os.path.join(out, "datamodel-fits"))
+    forget = make_forget_sets(cfg, data.dataset, trainer, full_vars, mem)
     effects, attribution = fit_attribution(cfg, dm_dir, forget, out)
     log(f"datamodels: LDS influence {attribution['influence']:.3f} (threshold "
         f"{attribution['influence_threshold']:g}), ridge {attribution['ridge']:.3f}, lasso {attribution['lasso']:.3f} "
@@ -277,10 +325,11 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         cfg=cfg, dataset=ds, trainer=trainer, full=full,
         unlearned=jax.tree.map(lambda t: t[:k2], full_vars), forget=forget,
         groups={s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}, oracles=oracles,
-        effects=effects, attribution=attribution,
-        data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images),
+        effects=effects, attribution=attribution, memorization=mem,
+        data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images,
+                         init=lambda key: tuple(trainer.init(key)[:2]), memorization=jnp.asarray(mem)),
         keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
-        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width).logits, t0=t0)
+        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width, jax.local_devices()).logits, t0=t0)
 
 
 def noise_floor(exp: Experiment, spec: str) -> dict:
@@ -310,8 +359,20 @@ def ensemble_logits(exp: Experiment, params, batch_stats):
     return exp.logits_of(params, batch_stats, jnp.asarray(exp.dataset.all_images))
 
 
+def group_accuracy(correct, g: dict, n_train: int) -> dict:
+    """Mean accuracy on the forget, retain and test points; correct: bool[models, n_train + n_test]."""
+    return {"forget": float(correct[:, g["forget"]].mean()), "retain": float(correct[:, g["retain"]].mean()),
+            "test": float(correct[:, n_train:].mean())}
+
+
+def oracle_accuracy(exp: Experiment, spec: str) -> dict:
+    """Accuracies of the held-out oracle half (the models KLoM compares with): ToW's reference."""
+    return group_accuracy(exp.oracles[spec]["margins"][exp.k2:] > 0, exp.groups[spec], exp.dataset.n_train)
+
+
 def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, config=None) -> dict:
-    """KLoM vs the held-out oracle half, accuracies, MIA and compute for k2 models' logits
+    """KLoM vs the held-out oracle half, accuracies (and their gaps to those oracles' and the DEL
+    paper's tug-of-war), MIA and compute for k2 models' logits
     (f32[k2, n_train + n_test, C]); if any model's logits are NaN/inf, the row says how many
     diverged and carries no scores."""
     g, n = exp.groups[spec], exp.dataset.n_train
@@ -322,14 +383,14 @@ def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, co
          "compute_fraction": float(compute)}
     diverged = int((~jnp.isfinite(logits).all(axis=(1, 2))).sum())
     if diverged:  # a grid point that blew up is a result too: recorded, not fatal to the sweep
-        r.update(diverged_models=diverged, klom=None, accuracy=None, mia=None)
+        r.update(diverged_models=diverged, klom=None, accuracy=None, accuracy_gap=None, tow=None, mia=None)
     else:
         m = np.asarray(margins_from_logits(logits, labels))
         correct = np.asarray(logits.argmax(-1) == labels)
-        r.update(klom=klom_summary(klom(oracle[exp.k2:], m), g),
-                 accuracy={"forget": float(correct[:, g["forget"]].mean()),
-                           "retain": float(correct[:, g["retain"]].mean()),
-                           "test": float(correct[:, n:].mean())},
+        acc = group_accuracy(correct, g, n)
+        ref = oracle_accuracy(exp, spec)
+        r.update(klom=klom_summary(klom(oracle[exp.k2:], m), g), accuracy=acc,
+                 accuracy_gap=accuracy_gaps(acc, ref), tow=tug_of_war(acc, ref),
                  mia=mia(m, oracle[exp.k2:], full[exp.k2:], oracle[:exp.k2], g["forget"]))
     if method in ("dm-direct", "dmm"):
         r["estimator"] = exp.cfg.forget_effects
@@ -365,12 +426,20 @@ def config_json(cfg: PipelineConfig) -> dict:
     return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}))
 
 
+def forget_memorization(mem: np.ndarray, forget) -> dict:
+    """How memorized a forget set is: its mean memorization, and the training set's for scale."""
+    return {"mean": float(mem[np.asarray(forget)].mean()), "train_mean": float(mem.mean()),
+            "top_decile_share": float((mem[np.asarray(forget)] >= np.quantile(mem, 0.9)).mean())}
+
+
 def header(exp: Experiment) -> dict:
     """What every results file says about the experiment (before its rows)."""
     cfg = exp.cfg
     return {"dataset": cfg.dataset, "lds": {k: exp.attribution[k] for k in ("influence", "ridge", "lasso")},
             "lds_detail": exp.attribution, "noise_floor": {s: noise_floor(exp, s) for s in exp.forget},
             "forget_sets": {s: [int(i) for i in f] for s, f in exp.forget.items()},
+            "forget_memorization": {s: forget_memorization(exp.memorization, f) for s, f in exp.forget.items()},
+            "oracle_accuracy": {s: oracle_accuracy(exp, s) for s in exp.forget},
             "ensemble": {"full_models": cfg.full_models, "unlearned": exp.k2, "eval_oracles": exp.k2,
                          "datamodel_models": cfg.datamodel_models},
             "config": config_json(cfg)}

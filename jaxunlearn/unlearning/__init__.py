@@ -8,12 +8,12 @@ from jaxunlearn.unlearning.neggrad_plus import NegGradPlusConfig, neggrad_plus
 from jaxunlearn.unlearning.oracle_matching import DMMConfig, MatchingConfig, OracleMatchingConfig, dmm, oracle_matching
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
 from jaxunlearn.unlearning.registry import ALL_METHODS, METHODS, config_dict, get_method, make_config, parse_grid
-from jaxunlearn.unlearning.salun import SalUnConfig, salun, saliency_mask
+from jaxunlearn.unlearning.salun import SalUnConfig, salun, salun_mask
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
 
 __all__ = ["UnlearnData", "unlearn_ensemble", "unlearn_grid", "dm_direct", "dm_direct_targets", "forget_effect",
            "MatchingConfig", "OracleMatchingConfig", "DMMConfig", "dmm",
            "oracle_matching", "GAConfig", "gradient_ascent", "GDConfig", "finetune_retain", "NegGradPlusConfig",
            "neggrad_plus", "SCRUBConfig", "scrub", "RandomLabelsConfig", "random_labels", "SalUnConfig", "salun",
-           "saliency_mask", "L1SparseConfig", "l1_sparse", "ALL_METHODS", "METHODS", "config_dict", "get_method",
+           "salun_mask", "L1SparseConfig", "l1_sparse", "ALL_METHODS", "METHODS", "config_dict", "get_method",
            "make_config", "parse_grid"]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training.ensemble import map_models
+from jaxunlearn.training.ensemble import map_models, over_devices
 from jaxunlearn.utils import check_indices
 
 
@@ -33,6 +33,12 @@ class UnlearnData(struct.PyTreeNode):
     images: jax.Array  # u8|f32[n_train, H, W, C]
     labels: jax.Array  # i32[n_train]
     apply: Callable = struct.field(pytree_node=False)  # (params, state, images, train) -> (logits, state)
+    # (key) -> (params, model_state): a fresh initialisation (DEL resets its mask to one); None: unknown
+    init: Callable | None = struct.field(pytree_node=False, default=None)
+    memorization: jax.Array | None = None  # f32[n_train] per-point memorization (the memorization mask reads it)
+    # pytree of bool like params, or None: weights a method may change (``METHOD@MASK`` sets it per model);
+    # every SGD step keeps the others' exact bits
+    update_mask: Any = None
 
 
 FORWARD_COST = 1.0 / 3.0  # a forward pass is about a third of a forward+backward
@@ -54,56 +60,80 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
     return forget_idx, retain_idx
 
 
+def model_devices(devices, k: int) -> tuple:
+    """The devices K models are split across: ``devices`` (default: every local device) when K
+    divides among them, else the first one."""
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise JaxUnlearnError("no devices given")
+    return devices if len(devices) > 1 and k % len(devices) == 0 else devices[:1]
+
+
 def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
-                     targets, keys, config, vmap_width: int | None = None) -> tuple[Any, Any, jax.Array]:
+                     targets, keys, config, vmap_width: int | None = None, devices=None) -> tuple[Any, Any, jax.Array]:
     """Applies ``method`` to K stacked models in one jitted call.
 
     params / model_state: stacked over K; targets: f32[K, n_train, C] or None; keys: key[K].
     ``vmap_width``: models vmapped together, groups mapped one after another (the ensemble layout
     of training, :func:`jaxunlearn.training.ensemble.map_models`; None: all K vmapped; 1: one model
     at a time, the fast layout for conv nets on CPU and GPU, see benchmarks/RESULTS.md).
+    ``devices``: the K models are split across them (``shard_map`` over a "models" mesh, data
+    replicated, each device running that layout on its share; default every local device when K
+    divides among them), bit-identical to one device.
     Returns stacked params, model states and cost f32[K].
     """
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
-    return _unlearn_jit(method, config, vmap_width, params, model_state, data, forget_idx, retain_idx, targets, keys)
+    devs = model_devices(devices, keys.shape[0])
+    return _unlearn_jit(method, config, vmap_width, devs, params, model_state, data, forget_idx, retain_idx, targets,
+                        keys)
 
 
 def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
-                 targets, keys, configs, vmap_width: int | None = None) -> list[tuple[Any, Any, jax.Array]]:
+                 targets, keys, configs, vmap_width: int | None = None,
+                 devices=None) -> list[tuple[Any, Any, jax.Array]]:
     """Applies ``method`` at every config of ``configs`` to all K models.
 
     Configs that share their static fields (epochs, batch sizes...) run as ONE compiled call,
-    vmapped over the stacked float hyperparameters and over the K models. Returns, per config in
-    the given order, (params, model_state, cost f32[K]) stacked over K.
+    vmapped over the stacked float hyperparameters and over the K models (split across ``devices``
+    as in :func:`unlearn_ensemble`). Returns, per config in the given order, (params, model_state,
+    cost f32[K]) stacked over K.
     """
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
+    devs = model_devices(devices, keys.shape[0])
     groups: dict = {}
     for i, c in enumerate(configs):
         groups.setdefault(jax.tree.structure(c), []).append(i)
     out: list = [None] * len(configs)
     for idxs in groups.values():
         stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *[configs[i] for i in idxs])
-        p, s, c = _grid_jit(method, vmap_width, stacked, params, model_state, data, forget_idx, retain_idx, targets,
-                            keys)
+        p, s, c = _grid_jit(method, vmap_width, devs, stacked, params, model_state, data, forget_idx, retain_idx,
+                            targets, keys)
         for j, i in enumerate(idxs):
             out[i] = jax.tree.map(lambda t: t[j], (p, s, c))
     return out
 
 
-def _unlearn_impl(method, config, vmap_width, params, model_state, data, forget_idx, retain_idx, targets, keys):
-    def one(a):
-        p, s, t, k = a
-        return method(p, s, data, forget_idx, retain_idx, t, k, config)
-
+def _unlearn_impl(method, config, vmap_width, devices, params, model_state, data, forget_idx, retain_idx, targets,
+                  keys):
     k = keys.shape[0]
+    if len(devices) > 1:  # the models axis split across devices; data, indices and config whole on each
+        one = lambda p, s, t, key, d, f, r, c: method(p, s, d, f, r, t, key, c)  # noqa: E731
+        return over_devices(one, devices, k, vmap_width or k, replicated=(4, 5, 6, 7))(
+            params, model_state, targets, keys, data, forget_idx, retain_idx, config)
+
+    def one(a):
+        p, s, t, key = a
+        return method(p, s, data, forget_idx, retain_idx, t, key, config)
+
     return map_models(one, (params, model_state, targets, keys), vmap_width or k, k)
 
 
-def _grid_impl(method, vmap_width, configs, params, model_state, data, forget_idx, retain_idx, targets, keys):
-    one = lambda c: _unlearn_impl(method, c, vmap_width, params, model_state, data, forget_idx, retain_idx,  # noqa: E731
-                                  targets, keys)
+def _grid_impl(method, vmap_width, devices, configs, params, model_state, data, forget_idx, retain_idx, targets,
+               keys):
+    one = lambda c: _unlearn_impl(method, c, vmap_width, devices, params, model_state, data, forget_idx,  # noqa: E731
+                                  retain_idx, targets, keys)
     return jax.vmap(one)(configs)
 
 
-_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0, 2))
-_grid_jit = jax.jit(_grid_impl, static_argnums=(0, 1))
+_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0, 2, 3))
+_grid_jit = jax.jit(_grid_impl, static_argnums=(0, 1, 2))

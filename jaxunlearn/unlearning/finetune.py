@@ -120,6 +120,13 @@ def paired_batches(forget_idx, retain_idx, retain_per_epoch: int, batch: int, fo
     return epoch_batches, steps, steps * (batch + fb)
 
 
+def both_masks(a, b):
+    """The weights two update masks both allow (None allows every weight)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return jax.tree.map(jnp.logical_and, a, b)
+
+
 def per_example_ce(logits, labels):
     """Softmax cross-entropy of each example. logits: f32[B, C], labels: i32[B] -> f32[B]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -24,5 +24,6 @@ def gradient_ascent(params, model_state, data, forget_idx, retain_idx, targets, 
         return -ce, state
 
     params, model_state, _ = run_sgd(params, model_state, config,
-                                     lambda k, e: index_batches(k, forget_idx, steps, b), steps, loss, key)
+                                     lambda k, e: index_batches(k, forget_idx, steps, b), steps, loss, key,
+                                     update_mask=data.update_mask)
     return params, model_state, jnp.float32(config.epochs * steps * b)

@@ -19,4 +19,5 @@ def finetune_retain(params, model_state, data, forget_idx, retain_idx, targets, 
     """CE on a fresh retain sample each epoch; ``forget_idx`` and ``targets`` are unused."""
     r = retain_count(config.retain_per_epoch, retain_idx.shape[0])
     return run_finetune(params, model_state, config, lambda k: retain_sample(retain_idx, k, r), r,
-                        lambda p, s, idx, k: model_ce(data, p, s, idx), key)
+                        lambda p, s, idx, k: model_ce(data, p, s, idx), key,
+                        update_mask=data.update_mask)

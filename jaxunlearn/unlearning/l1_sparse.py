@@ -39,5 +39,6 @@ def l1_sparse(params, model_state, data, forget_idx, retain_idx, targets, key, c
         gamma = config.l1 * (1.0 - batch["t"] / total)
         return ce + gamma * l1_norm(params), state
 
-    params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key)
+    params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key,
+                                     update_mask=data.update_mask)
     return params, model_state, jnp.float32(total * config.batch_size)

@@ -26,5 +26,6 @@ def neggrad_plus(params, model_state, data, forget_idx, retain_idx, targets, key
         forget, state = model_ce(data, params, state, batch["forget"])
         return config.beta * retain - (1.0 - config.beta) * forget, state
 
-    params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key)
+    params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key,
+                                     update_mask=data.update_mask)
     return params, model_state, jnp.float32(config.epochs * per_epoch)

@@ -88,7 +88,7 @@ def oracle_matching(params, model_state, data, forget_idx, retain_idx, targets, 
 
     size = forget.shape[0] + r
     tx = matching_optimizer(config, steps_for(size, config.batch_size))
-    return run_finetune(params, model_state, config, pool, size, loss, key, tx)
+    return run_finetune(params, model_state, config, pool, size, loss, key, tx, data.update_mask)
 
 
 dmm = oracle_matching  # DMM = OM with DM-Direct targets

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxunlearn.unlearning.finetune import SGDConfig, model_ce, paired_batches, run_sgd
+from jaxunlearn.unlearning.finetune import SGDConfig, both_masks, model_ce, paired_batches, run_sgd
 
 
 class RandomLabelsConfig(SGDConfig):
@@ -38,11 +38,12 @@ def num_classes_of(data, params, model_state) -> int:
 
 
 def run_random_labels(params, model_state, data, forget_idx, retain_idx, key, config, update_mask=None):
+    """Random-label fine-tuning restricted to ``update_mask`` and ``data.update_mask`` (both)."""
     batches, steps, per_epoch = paired_batches(forget_idx, retain_idx, config.retain_per_epoch,
                                                config.batch_size, config.forget_batch_size)
     loss = random_label_loss(data, num_classes_of(data, params, model_state))
     params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key,
-                                     update_mask=update_mask)
+                                     update_mask=both_masks(update_mask, data.update_mask))
     return params, model_state, jnp.float32(config.epochs * per_epoch)
 
 

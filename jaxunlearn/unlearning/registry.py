@@ -2,6 +2,10 @@
 
 Adding a method = one file with ``method(params, model_state, data, forget_idx, retain_idx,
 targets, key, config)`` and a config class, plus one line here.
+
+``METHOD@MASK`` names any method restricted to a localization mask (``neggrad+@del``,
+``random-labels@saliency``, ``gd@random``; masks in :mod:`jaxunlearn.localization`): its config is
+the method's plus the mask fields, and it runs wherever a method name is accepted.
 """
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ import itertools
 from typing import Callable, NamedTuple
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.localization.masks import CHANNEL_REDUCES, MASKS
+from jaxunlearn.unlearning.del_unlearning import DELConfig, del_unlearning
 from jaxunlearn.unlearning.ga import GAConfig, gradient_ascent
 from jaxunlearn.unlearning.gd import GDConfig, finetune_retain
 from jaxunlearn.unlearning.l1_sparse import L1SparseConfig, l1_sparse
 from jaxunlearn.unlearning.neggrad_plus import NegGradPlusConfig, neggrad_plus
 from jaxunlearn.unlearning.oracle_matching import OPTIMIZERS, DMMConfig, OracleMatchingConfig, oracle_matching
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
+from jaxunlearn.unlearning.restricted import restricted_config, restricted_fn
 from jaxunlearn.unlearning.salun import SalUnConfig, salun
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
 
@@ -37,19 +44,31 @@ METHODS: dict[str, Method] = {
     "random-labels": Method(random_labels, RandomLabelsConfig, None),
     "salun": Method(salun, SalUnConfig, None),
     "l1-sparse": Method(l1_sparse, L1SparseConfig, None),
+    "del": Method(del_unlearning, DELConfig, None),
 }
 # every name a pipeline can run, in table order: METHODS plus "none" (the full models unchanged) and
 # "dm-direct" (DM-Direct's predictions: no parameter update, so no entry in METHODS)
 ALL_METHODS = ("none", "oracle-matching", "dm-direct", *(m for m in METHODS if m != "oracle-matching"))
 
 
-UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1),
-                 "lr_decay": ("(0, 1]", lambda v: 0 < v <= 1)}
+_UNIT = ("(0, 1]", lambda v: 0 < v <= 1)
+UNIT_INTERVAL = {"saliency_fraction": _UNIT, "beta": ("[0, 1]", lambda v: 0 <= v <= 1), "lr_decay": _UNIT,
+                 "mask_fraction": _UNIT, "mask_channel_topk": _UNIT, "lr_floor": ("[0, 1]", lambda v: 0 <= v <= 1)}
 
 
 def get_method(name: str) -> Method:
+    """A registered method by name, or ``METHOD@MASK``: that method restricted to a localization mask."""
+    if "@" in name:
+        base, _, mask = name.partition("@")
+        if base not in METHODS:
+            raise JaxUnlearnError(f"{name!r}: unknown method {base!r} before '@'; choose from {', '.join(METHODS)}")
+        if mask not in MASKS:
+            raise JaxUnlearnError(f"{name!r}: unknown mask {mask!r} after '@'; choose from {', '.join(MASKS)}")
+        m = METHODS[base]
+        return Method(restricted_fn(m.fn, mask), restricted_config(m.config, mask), m.targets)
     if name not in METHODS:
-        raise JaxUnlearnError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise JaxUnlearnError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or METHOD@MASK, "
+                              f"MASK one of {', '.join(MASKS)})")
     return METHODS[name]
 
 
@@ -58,8 +77,8 @@ def hyperparameters(name: str) -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
 
 
-ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch"}  # integers that may be 0 (others must be positive)
-CHOICES = {"optimizer": OPTIMIZERS}
+ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch", "train_head"}  # integers that may be 0
+CHOICES = {"optimizer": OPTIMIZERS, "mask_channel_reduce": CHANNEL_REDUCES}
 
 
 def make_config(name: str, **overrides):

@@ -77,20 +77,22 @@ def scrub(params, model_state, data, forget_idx, retain_idx, targets, key, confi
     tx = sgd(config, config.epochs * steps_r + max_steps * steps_f)
     cost = (1.0 + FORWARD_COST) * (config.epochs * steps_r * config.batch_size + max_steps * steps_f * fb)
     if max_steps == 0:
-        p, s, _ = run_sgd(params, model_state, config, min_batches, steps_r, min_loss, key, tx)
+        p, s, _ = run_sgd(params, model_state, config, min_batches, steps_r, min_loss, key, tx,
+                          update_mask=data.update_mask)
         return p, s, jnp.float32(cost)
 
     def max_then_min(carry, k):
         p, s, o = carry
         k_max, k_min = jax.random.split(k)
         p, s, o = run_sgd(p, s, config, lambda kb, e: index_batches(kb, forget_idx, steps_f, fb), steps_f,
-                          max_loss, k_max, tx, epochs=1, opt_state=o)
-        p, s, o = run_sgd(p, s, config, min_batches, steps_r, min_loss, k_min, tx, epochs=1, opt_state=o)
+                          max_loss, k_max, tx, epochs=1, opt_state=o, update_mask=data.update_mask)
+        p, s, o = run_sgd(p, s, config, min_batches, steps_r, min_loss, k_min, tx, epochs=1, opt_state=o,
+                          update_mask=data.update_mask)
         return (p, s, o), None
 
     k_first, k_rest = jax.random.split(key)
     (p, s, o), _ = lax.scan(max_then_min, (params, model_state, tx.init(params)),
                             jax.random.split(k_first, max_steps))
     p, s, _ = run_sgd(p, s, config, min_batches, steps_r, min_loss, k_rest, tx,
-                      epochs=config.epochs - max_steps, opt_state=o)
+                      epochs=config.epochs - max_steps, opt_state=o, update_mask=data.update_mask)
     return p, s, jnp.float32(cost)
