@@ -25,13 +25,17 @@ def test_demo_writes_the_documented_results(demo):
     assert res["lds"]["influence"] == max(res["lds_detail"]["influence_by_threshold"].values())
     assert res["ensemble"]["unlearned"] == res["ensemble"]["eval_oracles"] == 100
     specs = list(res["noise_floor"])
+    assert set(res["forget_memorization"]) == set(res["oracle_accuracy"]) == set(specs)
+    # the cluster set (a coherent subpopulation) is more memorized than the random one
+    assert res["forget_memorization"][specs[1]]["mean"] > res["forget_memorization"][specs[0]]["mean"]
     assert len(specs) == 2 and specs[0].startswith("random:") and specs[1].startswith("cluster:")
     for spec in specs:
         rows = {r["method"]: r for r in res["results"] if r["forget_set"] == spec}
-        assert set(rows) == set(ALL_METHODS) and len(ALL_METHODS) == 11
+        assert set(rows) == set(ALL_METHODS) and len(ALL_METHODS) == 12
         for r in rows.values():
             assert set(r["klom"]) == {"forget", "retain", "val", "mean"}
-            assert set(r["accuracy"]) == {"forget", "retain", "test"}
+            assert set(r["accuracy"]) == set(r["accuracy_gap"]) == {"forget", "retain", "test"}
+            assert 0 < r["tow"] <= 1
             assert set(r["mia"]) == {"auc", "tpr_at_1pct_fpr"} and 0 <= r["mia"]["auc"] <= 1
             assert 0 <= r["compute_fraction"] < 1
         assert rows["none"]["compute_fraction"] == 0 and rows["dmm"]["compute_fraction"] > 0
@@ -102,7 +106,7 @@ def test_sweep_reuses_the_demo_ensembles_and_writes_every_grid_point(demo):
         rep = json.load(f)
     assert rep["sources"] == ["results.json", "sweep-ga.json", "sweep-gd.json"]
     f = rep["frontier"]["random:100"]
-    assert f["points"] == 11 + 2 + 4 and f["diverged_points"] == 1  # 11 methods, +2 ga, +4 gd (references deduplicated)
+    assert f["points"] == 12 + 2 + 4 and f["diverged_points"] == 1  # 12 methods, +2 ga, +4 gd (references deduplicated)
     pts = [r for r in rep["results"] if r["forget_set"] == "random:100" and r["klom"]]
     for front in (f["pareto"], f["pareto_without_oracle_targets"]):
         xs, ys = [r["compute_fraction"] for r in front], [r["klom"]["mean"] for r in front]

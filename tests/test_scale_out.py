@@ -90,3 +90,4 @@ def test_pipeline_as_a_job_array_equals_one_process(tmp_path):
     bad = _pipeline(["--out", arr, "--worker", "2/2", *sets])
     _, err = bad.communicate(timeout=300)
     assert bad.returncode == 2 and "need 0 <= I < N" in err
+

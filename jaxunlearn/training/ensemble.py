@@ -68,7 +68,7 @@ class EnsembleFns:
 
     def __init__(self, trainer: Trainer, n_models: int, vmap_width: int, devices=None):
         self.trainer = trainer
-        devices = list(devices or jax.devices()[:1])
+        devices = list(devices or jax.local_devices()[:1])
         self.devices = devices if len(devices) > 1 and n_models % len(devices) == 0 else devices[:1]
         if len(self.devices) > 1:
             over = lambda fn, replicated=(): over_devices(fn, self.devices, n_models, vmap_width, replicated)  # noqa: E731

@@ -78,7 +78,7 @@ def make_masks(cfg: RunConfig, n_train: int) -> np.ndarray:
 
 
 def available_memory_bytes() -> int:
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
