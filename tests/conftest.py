@@ -37,3 +37,28 @@ SLOWEST_FIRST = ["test_pipeline", "test_training", "test_run", "test_baselines",
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+@pytest.fixture(scope="session")
+def train_mlps(digits):
+    """make(k, epochs) -> (trainer, EnsembleFns, states, UnlearnData, logits f32[k, n_train, C]): k
+    digits MLPs on the whole training set, and the data every unlearning method takes."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
+    from jaxunlearn.training.subsets import steps_per_epoch
+    from jaxunlearn.unlearning import UnlearnData
+
+    def make(k: int, epochs: int):
+        recipe = RECIPES["digits-mlp"].with_epochs(epochs)
+        masks = np.ones((k, digits.n_train), bool)
+        tr = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std, steps_per_epoch(masks, 64))
+        fns = EnsembleFns(tr, k, k)
+        states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
+                                   np.arange(k), 0, recipe.epochs, fns=fns)
+        data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels),
+                           tr.apply_images, init=lambda key: tuple(tr.init(key)[:2]))
+        return tr, fns, states, data, fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
+
+    return make

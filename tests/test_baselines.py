@@ -6,9 +6,7 @@ import pytest
 
 from jaxunlearn.cli import main
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
-from jaxunlearn.training.subsets import steps_per_epoch
-from jaxunlearn.unlearning import (METHODS, SCRUBConfig, UnlearnData, get_method, make_config, parse_grid, scrub,
+from jaxunlearn.unlearning import (METHODS, SCRUBConfig, get_method, make_config, parse_grid, scrub,
                                    unlearn_ensemble, unlearn_grid)
 from jaxunlearn.unlearning.finetune import run_sgd, sgd
 from jaxunlearn.unlearning.salun import forget_gradient, salun_mask
@@ -20,17 +18,8 @@ RETAIN = np.setdiff1d(np.arange(1437), FORGET)
 
 
 @pytest.fixture(scope="module")
-def mlps(digits):
-    recipe = RECIPES["digits-mlp"].with_epochs(4)
-    masks = np.ones((K, digits.n_train), bool)
-    tr = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std, steps_per_epoch(masks, 64))
-    fns = EnsembleFns(tr, K, K)
-    states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
-                               np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images,
-                        init=lambda k: tuple(tr.init(k)[:2]))
-    logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
-    return tr, fns, states, data, logits
+def mlps(train_mlps):
+    return train_mlps(K, 4)
 
 
 def _run(mlps, method, cfg=None, data=None, targets=None):

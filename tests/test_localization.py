@@ -9,9 +9,7 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization import MASKS, MaskConfig, channel_scores, del_mask, get_mask, top_fraction
 from jaxunlearn.metrics import memorization, tug_of_war
 from jaxunlearn.pipeline.config import PipelineConfig
-from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
-from jaxunlearn.training.subsets import steps_per_epoch
-from jaxunlearn.unlearning import METHODS, UnlearnData, get_method, make_config, unlearn_ensemble
+from jaxunlearn.unlearning import METHODS, get_method, make_config, unlearn_ensemble
 from jaxunlearn.unlearning.del_unlearning import DELConfig, epoch_cosine, reset_to_fresh
 
 K = 2
@@ -20,18 +18,9 @@ RETAIN = np.setdiff1d(np.arange(1437), FORGET)
 
 
 @pytest.fixture(scope="module")
-def mlps(digits):
-    recipe = RECIPES["digits-mlp"].with_epochs(3)
-    masks = np.ones((K, digits.n_train), bool)
-    tr = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std, steps_per_epoch(masks, 64))
-    fns = EnsembleFns(tr, K, K)
-    states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
-                               np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), tr.apply_images,
-                       init=lambda k: tuple(tr.init(k)[:2]),
-                       memorization=jnp.linspace(-0.1, 1.0, digits.n_train))
-    logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
-    return tr, states, data, logits
+def mlps(train_mlps, digits):
+    tr, _, states, data, logits = train_mlps(K, 3)
+    return tr, states, data.replace(memorization=jnp.linspace(-0.1, 1.0, digits.n_train)), logits
 
 
 def one(tree, i=0):

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics import margins_from_logits
-from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, train_ensemble
+from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning import MatchingConfig, UnlearnData, dm_direct, forget_effect, oracle_matching, unlearn_ensemble
 

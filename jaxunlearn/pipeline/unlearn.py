@@ -40,7 +40,7 @@ from jaxunlearn.attribution import fit_lasso, fit_ridge, forget_set_effects, inf
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import NEEDS_MODELS, make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
-from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
+from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
