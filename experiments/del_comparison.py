@@ -20,7 +20,9 @@ import sys
 import numpy as np
 
 from jaxunlearn.cli import main as cli
-from jaxunlearn.pipeline.unlearn import safe_name
+from jaxunlearn.pipeline.config import PipelineConfig
+from jaxunlearn.pipeline.unlearn import prepare, safe_name, sweep_experiment
+from jaxunlearn.unlearning import parse_grid
 
 
 def cell_rows(out: str, method: str) -> list[dict]:
@@ -126,14 +128,13 @@ def main(argv=None) -> int:
     if rc:
         return rc
     names = [f"{m}@{loc}" for m in spec["methods"] for loc in spec["localizations"]] + ["del"]
-    for name in names:
-        if not args.redo and os.path.isfile(os.path.join(args.out, f"sweep-{safe_name(name)}.json")):
-            continue
-        base = name.partition("@")[0]
-        rc = cli(["sweep", "--config", config, "--out", args.out, "--method", name, "--grid", *spec["grids"][base],
-                  *sets])
-        if rc:
-            return rc
+    todo = [n for n in names if args.redo or not os.path.isfile(os.path.join(args.out, f"sweep-{safe_name(n)}.json"))]
+    if todo:  # one prepare (ensembles, fits, oracles loaded once), then every sweep on it
+        cfg = PipelineConfig.from_json(config).with_overrides(args.set or None)
+        exp = prepare(cfg, args.out)
+        for name in todo:
+            grid = spec["grids"][name.partition("@")[0]]
+            sweep_experiment(exp, args.out, name, parse_grid(name, grid, base=cfg.method_kwargs(name)))
     with open(os.path.join(args.out, "results.json")) as f:
         pipe = json.load(f)
     specs = list(pipe["forget_sets"])

@@ -491,9 +491,13 @@ def run_sweep(cfg: PipelineConfig, out: str, method: str, configs: list, progres
     get_method(method)
     if not configs:
         raise JaxUnlearnError("empty grid")
+    return sweep_experiment(prepare(cfg, out, progress, log), out, method, configs, progress, log)
+
+
+def sweep_experiment(exp: Experiment, out: str, method: str, configs: list, progress: bool = True, log=print) -> dict:
+    """:func:`run_sweep` on an already prepared experiment (many sweeps, one :func:`prepare`)."""
     from jaxunlearn.pipeline.report import sweep_table
 
-    exp = prepare(cfg, out, progress, log)
     rows = []
     earlier = _earlier_rows(out, exp)
     bar = Progress(len(exp.forget), f"sweep {method} ({len(configs)} configs)", progress, unit="forget set")
