@@ -8,9 +8,10 @@ from jaxunlearn.cli import main
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
 from jaxunlearn.training.subsets import steps_per_epoch
-from jaxunlearn.unlearning import (METHODS, SCRUBConfig, UnlearnData, get_method, make_config, parse_grid, scrub,
+from jaxunlearn.unlearning import (ALL_METHODS, METHODS, SCRUBConfig, UnlearnData, get_method, make_config, parse_grid, scrub,
                                    unlearn_ensemble, unlearn_grid)
 from jaxunlearn.unlearning.finetune import run_sgd, sgd
+from jaxunlearn.unlearning.registry import NEEDS_INIT
 from jaxunlearn.unlearning.salun import forget_gradient, saliency_mask
 from jaxunlearn.unlearning.scrub import retain_batches, scrub_losses
 
@@ -27,7 +28,8 @@ def mlps(digits):
     fns = EnsembleFns(tr, K, K)
     states, _ = train_ensemble(tr, jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels), masks,
                                np.arange(K), 0, recipe.epochs, fns=fns)
-    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images)
+    data = UnlearnData(jnp.asarray(digits.train_images, jnp.float32), jnp.asarray(digits.train_labels), tr.apply_images,
+                       init=lambda k: tr.init(k).params)  # w_0 for single-gradient
     logits = fns.logits(states.params, states.batch_stats, jnp.asarray(digits.train_images))
     return tr, fns, states, data, logits
 
@@ -168,13 +170,13 @@ def test_experiment_configs_parse(tmp_path):
     exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
     for name in ("cifar10_paper.json", "cifar10_mini.json", "cifar10_mini_cpu.json"):
         cfg = PipelineConfig.from_json(os.path.join(exp, name))
-        assert set(cfg.methods) == set(METHODS) | {"none", "dm-direct"}
-        for m in METHODS:
+        assert set(cfg.methods) == set(ALL_METHODS) == set(METHODS) - set(NEEDS_INIT) | {"none", "dm-direct"}
+        for m in (m for m in ALL_METHODS if m in METHODS):
             cfg.method_config(m)
     for name in ("cifar10_baseline_grid.json", "cifar10_mini_cpu_grid.json"):
         with open(os.path.join(exp, name)) as f:
             grid = json.load(f)
-        assert set(grid["grids"]) == set(METHODS)
+        assert set(grid["grids"]) == set(METHODS) - set(NEEDS_INIT)
         cfg = PipelineConfig.from_json(os.path.join(exp, grid["pipeline"]))
         for m, items in grid["grids"].items():
             assert len(parse_grid(m, items, base=cfg.method_kwargs(m))) >= 6

@@ -56,7 +56,7 @@ def std_logit_penalty(logits):
     The gradient at an example whose logits are all equal (std 0) is taken as 0 (sqrt's subgradient),
     not NaN."""
     b, c = logits.shape
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
     var = jnp.var(logits, axis=-1, ddof=1)
     pos = var > 0
     std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)

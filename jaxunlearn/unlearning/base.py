@@ -33,6 +33,10 @@ class UnlearnData(struct.PyTreeNode):
     images: jax.Array  # u8|f32[n_train, H, W, C]
     labels: jax.Array  # i32[n_train]
     apply: Callable = struct.field(pytree_node=False)  # (params, state, images, train) -> (logits, state)
+    # (model_key) -> params: the training run's initial weights w_0, recomputed from a model's key
+    # (e.g. ``lambda k: trainer.init(k).params``); only methods that need w_0 (single-gradient) use it,
+    # and they then read the ``key`` they are given as that model's key
+    init: Callable | None = struct.field(pytree_node=False, default=None)
 
 
 FORWARD_COST = 1.0 / 3.0  # a forward pass is about a third of a forward+backward

@@ -19,6 +19,7 @@ from jaxunlearn.unlearning.oracle_matching import OPTIMIZERS, DMMConfig, OracleM
 from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
 from jaxunlearn.unlearning.salun import SalUnConfig, salun
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
+from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
 
 
 class Method(NamedTuple):
@@ -37,10 +38,15 @@ METHODS: dict[str, Method] = {
     "random-labels": Method(random_labels, RandomLabelsConfig, None),
     "salun": Method(salun, SalUnConfig, None),
     "l1-sparse": Method(l1_sparse, L1SparseConfig, None),
+    "single-gradient": Method(single_gradient, SingleGradientConfig, None),
 }
+# methods that need the training run's initial weights w_0 (UnlearnData.init and the models' own keys):
+# run by `jaxunlearn unrolling`, not by the pipeline (whose models train on a triangle schedule)
+NEEDS_INIT = ("single-gradient",)
 # every name a pipeline can run, in table order: METHODS plus "none" (the full models unchanged) and
 # "dm-direct" (DM-Direct's predictions: no parameter update, so no entry in METHODS)
-ALL_METHODS = ("none", "oracle-matching", "dm-direct", *(m for m in METHODS if m != "oracle-matching"))
+ALL_METHODS = ("none", "oracle-matching", "dm-direct",
+               *(m for m in METHODS if m != "oracle-matching" and m not in NEEDS_INIT))
 
 
 UNIT_INTERVAL = {"saliency_fraction": ("(0, 1]", lambda v: 0 < v <= 1), "beta": ("[0, 1]", lambda v: 0 <= v <= 1),
@@ -58,7 +64,7 @@ def hyperparameters(name: str) -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
 
 
-ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch"}  # integers that may be 0 (others must be positive)
+ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch", "batch_size@single-gradient"}  # integers that may be 0 (others must be positive)
 CHOICES = {"optimizer": OPTIMIZERS}
 
 
@@ -81,7 +87,7 @@ def make_config(name: str, **overrides):
             if not ok:
                 raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
             v = int(float(v))
-            if v < 0 or (k not in ZERO_ALLOWED and v == 0):
+            if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{name}" not in ZERO_ALLOWED and v == 0):
                 raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
         else:
             try:
