@@ -219,3 +219,10 @@ def test_unrolling_command_smoke_and_resume(tmp_path, capsys):
     bad = str(tmp_path / "bad")
     assert main(["unrolling", "--out", bad, "--no-progress", "--set", "std_losses=[-1]"]) == 2
     assert "std_losses" in capsys.readouterr().err and not os.path.exists(bad)
+
+
+def test_new_recipe_fields_stay_out_of_old_configs_at_their_defaults():
+    d = Recipe().to_dict()
+    assert "std_loss" not in d and "lr_schedule" not in d  # run folders written before them still resume
+    r = Recipe(std_loss=2.0, lr_schedule="constant")
+    assert r.to_dict()["std_loss"] == 2.0 and Recipe(**r.to_dict()) == r and Recipe(**d) == Recipe()

@@ -298,6 +298,14 @@ def summarize(cfg: UnrollingConfig, cells: list[dict]) -> dict:
     methods = list(cells[0]["verification_error"])
     ue = [u for c in cells for u in c["unlearning_error"]]
     corr = {m: _correlations(ue, [v for c in cells for v in c["verification_error"][m]]) for m in methods}
+    # within one training loss (λ fixed): the pooled correlation mixes regimes (a collapsed large-λ model has
+    # a large Hessian but a small weight change)
+    corr_lam = {}
+    for lam in cfg.std_losses:
+        cs = [c for c in cells if c["std_loss"] == float(lam)]
+        u = [x for c in cs for x in c["unlearning_error"]]
+        corr_lam[str(float(lam))] = {m: _correlations(u, [v for c in cs for v in c["verification_error"][m]])
+                                     for m in methods}
     by_lam = {}
     for lam in cfg.std_losses:
         cs = [c for c in cells if c["std_loss"] == float(lam)]
@@ -312,6 +320,7 @@ def summarize(cfg: UnrollingConfig, cells: list[dict]) -> dict:
     sg = np.array([v for c in cells for v in c["verification_error"]["single-gradient"]])
     return {
         "correlation_unlearning_vs_verification": corr,
+        "correlation_by_std_loss": corr_lam,
         "sd_loss": by_lam,
         "single_gradient_vs_none": {"fraction_of_models_lower": float(np.mean(sg < none)),
                                     "median_ratio": float(np.median(sg / none)),
@@ -423,10 +432,13 @@ def summary_table(res: dict) -> str:
         sp = "n/a" if r["spearman"] is None else f"{r['spearman']:+.3f}"
         lines.append(f"  {m:<16} Pearson {p}  Spearman {sp}  (n={r['n']})")
     methods = list(next(iter(s["sd_loss"].values()))["verification_error"])
-    lines.append("SD loss λ | mean verification error: " + ", ".join(methods) + " | test acc (full models)")
+    lines.append("SD loss λ | mean verification error: " + ", ".join(methods) + " | test acc (full models)"
+                 " | Pearson/Spearman of single-gradient within λ")
     for lam, v in s["sd_loss"].items():
+        r = s["correlation_by_std_loss"][lam]["single-gradient"]
+        rs = "n/a" if r["pearson"] is None else f"{r['pearson']:+.2f}/{r['spearman']:+.2f}"
         lines.append(f"  {float(lam):>7g} | " + "  ".join(f"{v['verification_error'][m]:.4f}" for m in methods)
-                     + f" | {100 * v['test_accuracy']['none']:.2f}%")
+                     + f" | {100 * v['test_accuracy']['none']:.2f}% | {rs}")
     g = s["single_gradient_vs_none"]
     lines.append(f"single-gradient below doing nothing for {100 * g['fraction_of_models_lower']:.1f}% of models "
                  f"(median ratio {g['median_ratio']:.3f})")
