@@ -11,7 +11,6 @@ K models (different inits, one shared order) per (λ, epochs), all in one jit pe
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp

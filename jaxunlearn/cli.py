@@ -203,8 +203,6 @@ def cmd_unrolling(args) -> int:
     cfg = UnrollingConfig.from_json(args.config) if args.config else UnrollingConfig()
     over = {"dataset": args.dataset, "data_dir": args.data_dir}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    if args.dataset is not None and not args.config and args.dataset != "digits":
-        cfg = dataclasses.replace(cfg, recipe=None)
     cfg = cfg.with_overrides(args.set)
     res = run_unrolling(cfg, args.out, progress=not args.no_progress)
     print(summary_table(res))

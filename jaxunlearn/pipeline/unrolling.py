@@ -39,7 +39,7 @@ from jaxunlearn.training.step import smoothed_cross_entropy, std_logit_penalty, 
 from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning.base import UnlearnData, unlearn_ensemble
-from jaxunlearn.unlearning.registry import METHODS, NEEDS_INIT, config_dict, get_method, make_config
+from jaxunlearn.unlearning.registry import METHODS, NEEDS_INIT, get_method, make_config
 from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
 from jaxunlearn.utils import write_json_atomic
 
