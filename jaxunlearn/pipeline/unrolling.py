@@ -382,10 +382,10 @@ def run_unrolling(cfg: UnrollingConfig, out: str, progress: bool = True) -> dict
 
     cfg = cfg.validate()
     ds = load_dataset(cfg.dataset, cfg.data_dir)
+    forget = pick_forget(ds.n_train, cfg.forget_size, cfg.seed)
     for b in cfg.batch_sizes:
         if b > ds.n_train - cfg.forget_size:
-            raise JaxUnlearnError(f"batch size {b} is larger than the retain set ({ds.n_train - cfg.forget_size})")
-    forget = pick_forget(ds.n_train, cfg.forget_size, cfg.seed)
+            raise JaxUnlearnError(f"batch size {b} is larger than the retain set ({ds.n_train - cfg.forget_size} points)")
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     ev = None
     shared = {k: v for k, v in cfg.to_dict().items() if k not in ("lrs", "batch_sizes", "std_losses", "data_dir")}
