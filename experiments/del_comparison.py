@@ -4,7 +4,7 @@
         --results experiments/results/del_digits_cnn [--set full_models=16 ...] [--redo]
 
 1. ``jaxunlearn pipeline`` on the grid's pipeline config (ensembles, oracles, the reference rows and
-   ``del`` at its configured point);
+   ``del`` at its configured point), unless the folder has its ``results.json`` already;
 2. one ``jaxunlearn sweep`` per ``METHOD@MASK`` (every localization × base method) and for ``del``,
    over the grid's learning rates (a sweep already on disk is reused unless ``--redo``);
 3. each cell's best grid point by tug-of-war (the DEL paper's selection; KLoM breaks ties), written
@@ -124,9 +124,10 @@ def main(argv=None) -> int:
         spec = json.load(f)
     config = os.path.join(os.path.dirname(os.path.abspath(args.grid)), spec["pipeline"])
     sets = ["--set", *args.set] if args.set else []
-    rc = cli(["pipeline", "--config", config, "--out", args.out, *sets])
-    if rc:
-        return rc
+    if args.redo or not os.path.isfile(os.path.join(args.out, "results.json")):
+        rc = cli(["pipeline", "--config", config, "--out", args.out, *sets])
+        if rc:
+            return rc
     names = [f"{m}@{loc}" for m in spec["methods"] for loc in spec["localizations"]] + ["del"]
     todo = [n for n in names if args.redo or not os.path.isfile(os.path.join(args.out, f"sweep-{safe_name(n)}.json"))]
     if todo:  # one prepare (ensembles, fits, oracles loaded once), then every sweep on it

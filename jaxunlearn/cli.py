@@ -203,6 +203,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_unrolling(args) -> int:
+    """The Unrolling SGD study: verification error, unlearning error, single-gradient unlearning, SD loss."""
+    import dataclasses
+
+    from jaxunlearn.pipeline.unrolling import UnrollingConfig, run_unrolling, summary_table
+
+    cfg = UnrollingConfig.from_json(args.config) if args.config else UnrollingConfig()
+    over = {"dataset": args.dataset, "data_dir": args.data_dir}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    cfg = cfg.with_overrides(args.set)
+    res = run_unrolling(cfg, args.out, progress=not args.no_progress)
+    print(summary_table(res))
+    print(f"-> {os.path.join(args.out, 'results.json')}, unlearning_vs_verification.png, sd_loss.png")
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="jaxunlearn", description="Fast JAX machine unlearning: ensembles, datamodels, KLoM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -247,6 +263,16 @@ def build_parser():
                        "(every point, the Pareto frontier, each method's best)")
     r.add_argument("--out", required=True, help="a pipeline folder")
     r.set_defaults(func=cmd_report)
+    o = sub.add_parser("unrolling", help="Unrolling SGD: verification vs unlearning error, single-gradient "
+                       "unlearning and the SD loss over a grid of lr, epochs, batch size, λ (resumes)")
+    o.add_argument("--dataset", default=None, help="digits or cifar10 (default: the config's, else digits)")
+    o.add_argument("--data-dir", default=None)
+    o.add_argument("--config", default=None, help="an unrolling .json (see experiments/unrolling_*.json)")
+    o.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override any setting: std_losses=[0,5,25] models=8 methods.ga.lr=0.01 recipe.width=0.5")
+    o.add_argument("--out", required=True)
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(func=cmd_unrolling)
     return p
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ class Recipe:
     crop_pad: int = 0
     flip: bool = False
     dtype: str = "float32"
+    # Unrolling SGD (Thudi et al.): the SD loss weight λ (CE + λ · Σ_i std(z_i) / (B·C)); 0 = plain CE
+    std_loss: float = 0.0
+    # "triangle" (0 -> peak_lr at peak_epoch -> 0) or "constant" (peak_lr every step, the Unrolling SGD code's SGD)
+    lr_schedule: str = "triangle"
 
     def replace(self, **kw) -> "Recipe":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -39,7 +44,13 @@ class Recipe:
         return dataclasses.replace(self, epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict; fields added later (std_loss, lr_schedule) are left out at their defaults,
+        so run folders written before they existed still match their config.json and resume."""
+        d = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     def validate(self) -> "Recipe":
         from jaxunlearn.models import DTYPES, MODELS
@@ -56,7 +67,16 @@ class Recipe:
             raise JaxUnlearnError(f"peak_epoch must lie in [0, epochs], got {self.peak_epoch}")
         if not 0 <= self.label_smoothing < 1:
             raise JaxUnlearnError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not isinstance(self.std_loss, (int, float)) or isinstance(self.std_loss, bool) \
+                or not math.isfinite(self.std_loss) or self.std_loss < 0:
+            raise JaxUnlearnError(f"std_loss (the SD loss weight λ) must be a finite number >= 0, got {self.std_loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise JaxUnlearnError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         return self
+
+
+LR_SCHEDULES = ("triangle", "constant")
+LATER_FIELDS = {"std_loss": 0.0, "lr_schedule": "triangle"}
 
 
 # The paper recipe (CIFAR-10 ResNet-9, as in datamodels / KLoM) and fast digits recipes.
@@ -100,8 +120,11 @@ def triangle_schedule(peak_lr: float, peak_step: float, total_steps: int):
 
 
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum, coupled weight decay, triangle schedule."""
-    schedule = triangle_schedule(recipe.peak_lr, recipe.peak_epoch * steps_per_epoch,
-                                 recipe.epochs * steps_per_epoch)
+    """SGD with (Nesterov) momentum, coupled weight decay, triangle (or constant) schedule."""
+    if recipe.lr_schedule == "constant":
+        schedule = optax.constant_schedule(recipe.peak_lr)
+    else:
+        schedule = triangle_schedule(recipe.peak_lr, recipe.peak_epoch * steps_per_epoch,
+                                     recipe.epochs * steps_per_epoch)
     return optax.chain(optax.add_decayed_weights(recipe.weight_decay),
                        optax.sgd(schedule, momentum=recipe.momentum or None, nesterov=recipe.nesterov))

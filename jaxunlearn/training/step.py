@@ -49,6 +49,29 @@ def smoothed_cross_entropy(logits, labels, num_classes: int, label_smoothing: fl
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def std_logit_penalty(logits):
+    """The SD loss term of Unrolling SGD: Σ_i std(z_i) / (B·C), the unbiased standard deviation of each
+    example's logits across classes, summed over the batch. logits: f32[B, C] -> f32[].
+
+    The gradient at an example whose logits are all equal (std 0) is taken as 0 (sqrt's subgradient),
+    not NaN."""
+    b, c = logits.shape
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
+    var = jnp.var(logits, axis=-1, ddof=1)
+    pos = var > 0
+    std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
+    return std.sum() / (b * c)
+
+
+def training_loss(logits, labels, num_classes: int, label_smoothing: float = 0.0, std_loss: float = 0.0):
+    """The loss a recipe trains with: (smoothed) cross-entropy, plus ``std_loss`` · :func:`std_logit_penalty`
+    when ``std_loss`` > 0 (Python-level branch: at 0 the program is the plain cross-entropy's)."""
+    loss = smoothed_cross_entropy(logits, labels, num_classes, label_smoothing)
+    if std_loss:
+        loss = loss + std_loss * std_logit_penalty(logits)
+    return loss
+
+
 def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps_per_epoch: int,
                  conv_impl: str = "im2col", eval_batch: int = 1024) -> Trainer:
     model = make_model(recipe.model, num_classes, recipe.width, conv_impl, recipe.dtype)
@@ -79,7 +102,8 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
 
         def loss_fn(params):
             logits, batch_stats = apply(params, state.batch_stats, x, True)
-            return smoothed_cross_entropy(logits, labels, num_classes, recipe.label_smoothing), (logits, batch_stats)
+            loss = training_loss(logits, labels, num_classes, recipe.label_smoothing, recipe.std_loss)
+            return loss, (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

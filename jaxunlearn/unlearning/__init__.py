@@ -10,10 +10,12 @@ from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_label
 from jaxunlearn.unlearning.registry import ALL_METHODS, METHODS, config_dict, get_method, make_config, parse_grid
 from jaxunlearn.unlearning.salun import SalUnConfig, salun, salun_mask
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
+from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
 
 __all__ = ["UnlearnData", "unlearn_ensemble", "unlearn_grid", "dm_direct", "dm_direct_targets", "forget_effect",
            "MatchingConfig", "OracleMatchingConfig", "DMMConfig", "dmm",
            "oracle_matching", "GAConfig", "gradient_ascent", "GDConfig", "finetune_retain", "NegGradPlusConfig",
            "neggrad_plus", "SCRUBConfig", "scrub", "RandomLabelsConfig", "random_labels", "SalUnConfig", "salun",
-           "salun_mask", "L1SparseConfig", "l1_sparse", "ALL_METHODS", "METHODS", "config_dict", "get_method",
+           "salun_mask", "SingleGradientConfig", "single_gradient", "L1SparseConfig", "l1_sparse", "ALL_METHODS",
+           "METHODS", "config_dict", "get_method",
            "make_config", "parse_grid"]

@@ -33,7 +33,8 @@ class UnlearnData(struct.PyTreeNode):
     images: jax.Array  # u8|f32[n_train, H, W, C]
     labels: jax.Array  # i32[n_train]
     apply: Callable = struct.field(pytree_node=False)  # (params, state, images, train) -> (logits, state)
-    # (key) -> (params, model_state): a fresh initialisation (DEL resets its mask to one); None: unknown
+    # (key) -> (params, model_state): the model's initialisation from a key. DEL resets its mask to a
+    # fresh draw; single-gradient reads w_0 = init(model key)[0] (it is given each model's own key)
     init: Callable | None = struct.field(pytree_node=False, default=None)
     memorization: jax.Array | None = None  # f32[n_train] per-point memorization (the memorization mask reads it)
     # pytree of bool like params, or None: weights a method may change (``METHOD@MASK`` sets it per model);

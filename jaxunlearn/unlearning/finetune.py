@@ -53,8 +53,7 @@ def run_sgd(params, state, cfg: SGDConfig, epoch_batches: Callable, steps: int, 
         (_, state), grads = jax.value_and_grad(loss, has_aux=True)(params, state, batch, k)
         updates, opt_state = tx.update(grads, opt_state, params)
         new = optax.apply_updates(params, updates)
-        if update_mask is not None:
-            new = jax.tree.map(lambda n, p, m: jnp.where(m, n, p), new, params, update_mask)
+        new = select_update(new, params, update_mask)
         return (new, state, opt_state), None
 
     def epoch(carry, inp):
@@ -118,6 +117,14 @@ def paired_batches(forget_idx, retain_idx, retain_per_epoch: int, batch: int, fo
                 "forget": index_batches(kf, forget_idx, steps, fb)}
 
     return epoch_batches, steps, steps * (batch + fb)
+
+
+def select_update(new, old, mask):
+    """``new`` where ``mask`` allows a change, else ``old``'s exact bits (selected, not blended, so
+    -0.0 and NaN payloads survive); mask None: ``new``."""
+    if mask is None:
+        return new
+    return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new, old, mask)
 
 
 def both_masks(a, b):

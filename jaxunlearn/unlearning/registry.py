@@ -26,6 +26,7 @@ from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_label
 from jaxunlearn.unlearning.restricted import restricted_config, restricted_fn
 from jaxunlearn.unlearning.salun import SalUnConfig, salun
 from jaxunlearn.unlearning.scrub import SCRUBConfig, scrub
+from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
 
 
 class Method(NamedTuple):
@@ -45,10 +46,15 @@ METHODS: dict[str, Method] = {
     "salun": Method(salun, SalUnConfig, None),
     "l1-sparse": Method(l1_sparse, L1SparseConfig, None),
     "del": Method(del_unlearning, DELConfig, None),
+    "single-gradient": Method(single_gradient, SingleGradientConfig, None),
 }
+# methods that need the training run's initial weights w_0 (UnlearnData.init and the models' own keys):
+# run by `jaxunlearn unrolling`, not by the pipeline (whose models train on a triangle schedule)
+NEEDS_INIT = ("single-gradient",)
 # every name a pipeline can run, in table order: METHODS plus "none" (the full models unchanged) and
 # "dm-direct" (DM-Direct's predictions: no parameter update, so no entry in METHODS)
-ALL_METHODS = ("none", "oracle-matching", "dm-direct", *(m for m in METHODS if m != "oracle-matching"))
+ALL_METHODS = ("none", "oracle-matching", "dm-direct",
+               *(m for m in METHODS if m != "oracle-matching" and m not in NEEDS_INIT))
 
 
 _UNIT = ("(0, 1]", lambda v: 0 < v <= 1)
@@ -77,7 +83,8 @@ def hyperparameters(name: str) -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(get_method(name).config)}
 
 
-ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch", "train_head"}  # integers that may be 0
+ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch", "train_head",  # integers that may be 0
+                "batch_size@single-gradient"}  # (KEY@METHOD: only for that method)
 CHOICES = {"optimizer": OPTIMIZERS, "mask_channel_reduce": CHANNEL_REDUCES}
 
 
@@ -100,7 +107,7 @@ def make_config(name: str, **overrides):
             if not ok:
                 raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
             v = int(float(v))
-            if v < 0 or (k not in ZERO_ALLOWED and v == 0):
+            if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{name}" not in ZERO_ALLOWED and v == 0):
                 raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
         else:
             try:
