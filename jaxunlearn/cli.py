@@ -179,7 +179,8 @@ def cmd_evaluate(args) -> int:
     if margins.ndim != 2 or margins.shape[1] != n + n_test:
         raise JaxUnlearnError(f"--margins must be [models, {n + n_test}] (train then test points), got {margins.shape}")
     groups = klom_groups(cfg["run"]["forget"], n, n_test)
-    summary = klom_summary(klom(oracle["margins"], margins), groups)
+    summary = klom_summary(klom(oracle["margins"], margins, binning=args.klom_binning,
+                                direction=args.klom_direction), groups)
     print(json.dumps({"klom": summary}, indent=2))
     return 0
 
@@ -230,6 +231,9 @@ def build_parser():
     e = sub.add_parser("evaluate", help="KLoM of unlearned margins (.npy [models, points]) against an oracle run")
     e.add_argument("--oracle", required=True, help="an oracle run folder (train --forget-idx)")
     e.add_argument("--margins", required=True)
+    e.add_argument("--klom-binning", default="inclusive",
+                   help="inclusive (default) or reference (data-unlearning-bench's np.digitize binning)")
+    e.add_argument("--klom-direction", default="oracle||unlearned", help="oracle||unlearned (default) or unlearned||oracle")
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report", help="merge a folder's results.json and sweep-*.json: frontier.json + frontier.png "
                        "(every point, the Pareto frontier, each method's best)")

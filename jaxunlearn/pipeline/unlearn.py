@@ -286,7 +286,12 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
 def noise_floor(exp: Experiment, spec: str) -> dict:
     """KLoM between the two oracle halves: what a perfect unlearner scores."""
     o = exp.oracles[spec]["margins"]
-    return klom_summary(klom(o[exp.k2:], o[:exp.k2]), exp.groups[spec])
+    return klom_summary(exp_klom(exp, o[exp.k2:], o[:exp.k2]), exp.groups[spec])
+
+
+def exp_klom(exp: Experiment, oracle_margins, unlearned_margins):
+    """Per-point KLoM with the experiment's binning and direction. f32[K, P], f32[K, P] -> [P]."""
+    return klom(oracle_margins, unlearned_margins, binning=exp.cfg.klom_binning, direction=exp.cfg.klom_direction)
 
 
 def dm_direct_logits(exp: Experiment, spec: str):
@@ -326,7 +331,7 @@ def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, co
     else:
         m = np.asarray(margins_from_logits(logits, labels))
         correct = np.asarray(logits.argmax(-1) == labels)
-        r.update(klom=klom_summary(klom(oracle[exp.k2:], m), g),
+        r.update(klom=klom_summary(exp_klom(exp, oracle[exp.k2:], m), g),
                  accuracy={"forget": float(correct[:, g["forget"]].mean()),
                            "retain": float(correct[:, g["retain"]].mean()),
                            "test": float(correct[:, n:].mean())},
