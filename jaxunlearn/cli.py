@@ -239,12 +239,25 @@ def build_parser():
                        "(every point, the Pareto frontier, each method's best)")
     r.add_argument("--out", required=True, help="a pipeline folder")
     r.set_defaults(func=cmd_report)
+    for sp in (t, d, u, w, e, r):
+        add_cache_args(sp)
     return p
+
+
+def add_cache_args(p):
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache folder (default: $JAXUNLEARN_CACHE_DIR, else "
+                        "~/.cache/jaxunlearn/jax; 'off' switches it off); safe to share between processes")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from jaxunlearn.compile_cache import enable_compile_cache, resolve_cache_dir
+
+        enable_compile_cache(resolve_cache_dir(getattr(args, "compile_cache", None),
+                                               getattr(args, "no_compile_cache", False)))
         return args.func(args)
     except JaxUnlearnError as e:
         print(f"jaxunlearn: error: {e}", file=sys.stderr)

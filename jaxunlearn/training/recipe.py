@@ -6,6 +6,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxunlearn.errors import JaxUnlearnError
@@ -94,8 +95,9 @@ def load_recipe(name_or_path: str | dict) -> Recipe:
 
 def triangle_schedule(peak_lr: float, peak_step: float, total_steps: int):
     """Single-peak linear schedule: 0 at step 0, ``peak_lr`` at ``peak_step``, 0 at ``total_steps``."""
-    xp = jnp.array([0.0, float(peak_step), float(total_steps)])
-    fp = jnp.array([0.0, 1.0, 0.0])
+    # host constants (np, float32 as jnp would make them): jnp.array would compile a program here
+    xp = np.array([0.0, float(peak_step), float(total_steps)], np.float32)
+    fp = np.array([0.0, 1.0, 0.0], np.float32)
     return lambda step: peak_lr * jnp.interp(step, xp, fp)
 
 
