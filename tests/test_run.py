@@ -329,3 +329,17 @@ def test_short_last_chunk_is_padded_into_the_same_program(reference_run, tmp_pat
     # programs this call needed beyond those already in memory: never one for the short chunk's shape
     assert summary["compile"]["programs"] <= 5 and summary["compile"]["cache_dir"] is None, summary["compile"]
 
+
+def test_recipe_follows_the_model_and_is_named():
+    from jaxunlearn.cli import build_parser, run_config_from_args
+
+    def cfg_of(*extra):
+        args = build_parser().parse_args(["train", "--dataset", "digits", "--out", "x", *extra])
+        return run_config_from_args(args)[0].recipe, args.recipe_used
+
+    assert cfg_of("--model", "cnn") == (RECIPES["digits-cnn"], "digits-cnn")
+    assert cfg_of() == (RECIPES["digits-mlp"], "digits-mlp")
+    recipe, used = cfg_of("--model", "cnn", "--recipe", "digits-mlp", "--epochs", "4")
+    assert recipe.model == "cnn" and recipe.peak_lr == RECIPES["digits-mlp"].peak_lr
+    assert used == "digits-mlp model=cnn epochs=4"
+    assert cfg_of("--model", "resnet9")[1] == "digits-mlp model=resnet9"  # no digits-resnet9: said so

@@ -73,6 +73,16 @@ DEFAULT_RECIPE = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9", "cifar10
                   "svhn": "cifar10-resnet9"}
 
 
+def default_recipe(dataset: str, model: str | None = None) -> str:
+    """The built-in recipe ``train`` uses without ``--recipe``: ``<dataset>-<model>`` when there is one
+    (``--model cnn`` on digits: ``digits-cnn``), else the data set's default (its model then replaced)."""
+    if model is not None and f"{dataset}-{model}" in RECIPES:
+        return f"{dataset}-{model}"
+    if dataset not in DEFAULT_RECIPE:
+        raise JaxUnlearnError(f"no default recipe for data set {dataset!r}; name one with --recipe")
+    return DEFAULT_RECIPE[dataset]
+
+
 def recipe_from_fields(fields: dict, where: str = "recipe") -> Recipe:
     unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
     if unknown:
