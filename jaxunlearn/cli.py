@@ -22,7 +22,8 @@ def add_train_args(p):
     p.add_argument("--models", type=int, default=64, help="ensemble size M")
     p.add_argument("--alpha", type=float, default=0.5, help="subset fraction of each model, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default=None, help="built-in recipe name or .json (default: per data set)")
+    p.add_argument("--recipe", default=None, help="built-in recipe name or .json (default: DATASET-MODEL if built "
+                   "in, e.g. digits-cnn for --model cnn, else the data set's; the one used is printed)")
     p.add_argument("--model", default=None, help="override the recipe's model: resnet9, resnet18, cnn, mlp")
     p.add_argument("--width", type=float, default=None, help="override the recipe's width multiplier")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -60,7 +61,7 @@ def run_config_from_args(args):
     from jaxunlearn.data import load_dataset
     from jaxunlearn.models import CONV_IMPLS, MODELS
     from jaxunlearn.training import RunConfig, load_recipe
-    from jaxunlearn.training.recipe import DEFAULT_RECIPE
+    from jaxunlearn.training.recipe import default_recipe
     from jaxunlearn.utils import check_indices
 
     if args.models < 1:
@@ -74,11 +75,15 @@ def run_config_from_args(args):
     if args.chunk is not None and args.chunk < 1:
         raise JaxUnlearnError(f"--chunk must be >= 1, got {args.chunk}")
     dataset = load_dataset(args.dataset, args.data_dir)
-    recipe = load_recipe(args.recipe or DEFAULT_RECIPE[args.dataset])
+    recipe_name = args.recipe or default_recipe(args.dataset, args.model)
+    recipe = load_recipe(recipe_name)
     if args.epochs is not None and args.epochs < 1:
         raise JaxUnlearnError(f"--epochs must be >= 1, got {args.epochs}")
+    changed = {k: v for k, v in (("model", args.model), ("width", args.width), ("epochs", args.epochs),
+                                 ("batch_size", args.batch_size)) if v is not None and v != getattr(recipe, k)}
     recipe = recipe.with_epochs(args.epochs).replace(model=args.model, width=args.width,
                                                      batch_size=args.batch_size).validate()
+    args.recipe_used = recipe_name + "".join(f" {k}={v}" for k, v in changed.items())
     forget = None
     if args.forget_idx is not None:
         forget = tuple(int(i) for i in check_indices(_parse_indices(args.forget_idx), dataset.n_train))
@@ -94,6 +99,7 @@ def cmd_train(args) -> int:
 
     worker = parse_worker(args.worker)
     cfg, dataset = run_config_from_args(args)
+    print(f"recipe: {args.recipe_used}", file=sys.stderr, flush=True)
     t = time.time()
     bar = Progress(cfg.models, f"train {cfg.dataset}/{cfg.recipe.model}", not args.no_progress)
     try:
@@ -188,7 +194,8 @@ def cmd_evaluate(args) -> int:
     if margins.ndim != 2 or margins.shape[1] != n + n_test:
         raise JaxUnlearnError(f"--margins must be [models, {n + n_test}] (train then test points), got {margins.shape}")
     groups = klom_groups(cfg["run"]["forget"], n, n_test)
-    summary = klom_summary(klom(oracle["margins"], margins), groups)
+    summary = klom_summary(klom(oracle["margins"], margins, binning=args.klom_binning,
+                                direction=args.klom_direction), groups)
     print(json.dumps({"klom": summary}, indent=2))
     return 0
 
@@ -258,6 +265,9 @@ def build_parser():
     e = sub.add_parser("evaluate", help="KLoM of unlearned margins (.npy [models, points]) against an oracle run")
     e.add_argument("--oracle", required=True, help="an oracle run folder (train --forget-idx)")
     e.add_argument("--margins", required=True)
+    e.add_argument("--klom-binning", default="inclusive",
+                   help="inclusive (default) or reference (data-unlearning-bench's np.digitize binning)")
+    e.add_argument("--klom-direction", default="oracle||unlearned", help="oracle||unlearned (default) or unlearned||oracle")
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report", help="merge a folder's results.json and sweep-*.json: frontier.json + frontier.png "
                        "(every point, the Pareto frontier, each method's best)")
@@ -273,12 +283,25 @@ def build_parser():
     o.add_argument("--out", required=True)
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=cmd_unrolling)
+    for sp in (t, d, u, w, e, r, o):
+        add_cache_args(sp)
     return p
+
+
+def add_cache_args(p):
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache folder (default: $JAXUNLEARN_CACHE_DIR, else "
+                        "~/.cache/jaxunlearn/jax; 'off' switches it off); safe to share between processes")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from jaxunlearn.compile_cache import enable_compile_cache, resolve_cache_dir
+
+        enable_compile_cache(resolve_cache_dir(getattr(args, "compile_cache", None),
+                                               getattr(args, "no_compile_cache", False)))
         return args.func(args)
     except JaxUnlearnError as e:
         print(f"jaxunlearn: error: {e}", file=sys.stderr)

@@ -4,6 +4,8 @@ import jax
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# in-process CLI calls leave the user's compilation cache alone (tests of the cache give their own folders)
+os.environ.setdefault("JAXUNLEARN_CACHE_DIR", "off")
 # Tests compare layouts of the same computation (ensemble vs loop, vmap vs scan): on a GPU,
 # f32 matmuls and convs default to TF32, whose rounding would dominate those comparisons.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,3 +1,6 @@
+import dataclasses
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,3 +56,80 @@ def test_klom_summary_and_errors():
         klom(jnp.zeros((5, 3)), jnp.zeros((5, 4)))
     with pytest.raises(JaxUnlearnError, match="NaN"):
         klom(jnp.zeros((5, 3)), jnp.full((5, 3), jnp.nan))
+
+
+# --- the benchmark's own binning, on real margins -------------------------------------------------
+
+def _benchmark_transcription(p_arr, q_arr, bins=20, eps=1e-5, clip=100.0, drop_max=True):
+    """data-unlearning-bench's compute_binned_KL_div for one point, in NumPy/SciPy (our transcription of
+    its logic): np.linspace edges over the pooled clipped range, np.digitize, only indices 1..bins
+    counted, scipy.stats.entropy. drop_max=False counts the pooled maximum in the last bin (our
+    default binning), everything else the same."""
+    p_arr, q_arr = np.clip(p_arr, -clip, clip), np.clip(q_arr, -clip, clip)
+    start, end = min(p_arr.min(), q_arr.min()), max(p_arr.max(), q_arr.max())
+    if start >= end:
+        end = start + 1
+    edges = np.linspace(start, end, bins + 1)
+    ip, iq = np.digitize(p_arr, edges), np.digitize(q_arr, edges)
+    if not drop_max:
+        ip, iq = np.minimum(ip, bins), np.minimum(iq, bins)
+    cp = np.array([np.sum(ip == i) for i in range(1, bins + 1)])
+    cq = np.array([np.sum(iq == i) for i in range(1, bins + 1)])
+    hp = cp / cp.sum() if cp.sum() > 0 else np.zeros(bins)
+    hq = cq / cq.sum() if cq.sum() > 0 else np.zeros(bins)
+    with np.errstate(invalid="ignore"):
+        return stats.entropy(hp, np.where(hp > 0, np.maximum(hq, eps), hq))
+
+
+@pytest.fixture(scope="module")
+def real_margins(tmp_path_factory, digits):
+    """Margins f32[16, train + test] of two halves of a 32-model digits MLP ensemble on random halves
+    of the data (2 epochs; trained here, on the real data)."""
+    from jaxunlearn.training.recipe import load_recipe
+    from jaxunlearn.training.run import RunConfig, train_run
+
+    recipe = dataclasses.replace(load_recipe("digits-mlp"), epochs=2, peak_epoch=1)
+    folder = str(tmp_path_factory.mktemp("run"))
+    train_run(RunConfig("digits", 32, recipe, seed=3, chunk=32), digits, folder, log=lambda s: None)
+    margins = np.load(os.path.join(folder, "margins.npy"))
+    return margins[:16], margins[16:]
+
+
+@pytest.mark.parametrize("direction", ["oracle||unlearned", "unlearned||oracle"])
+def test_reference_binning_equals_the_benchmark_code_on_real_margins(real_margins, direction):
+    oracle, unlearned = real_margins
+    assert oracle.dtype == np.float32 and oracle.shape == unlearned.shape
+    oracle = oracle.copy()
+    oracle[:, 5] = np.float32(250.0)  # a point whose oracle margins all clip at +100 (ties at the pooled max)
+    oracle[:8, 6] = np.float32(-300.0)  # ties at the pooled min (kept by both binnings)
+    p, q = (oracle, unlearned) if direction == "oracle||unlearned" else (unlearned, oracle)
+    theirs = np.array([_benchmark_transcription(p[:, j], q[:, j]) for j in range(p.shape[1])])
+    inclusive = np.array([_benchmark_transcription(p[:, j], q[:, j], drop_max=False) for j in range(p.shape[1])])
+    ours_ref = klom(oracle, unlearned, direction=direction, binning="reference")
+    ours_inc = np.asarray(klom(oracle, unlearned, direction=direction))
+    assert ours_ref.dtype == np.float64
+    nan = np.isnan(theirs)
+    assert np.array_equal(nan, np.isnan(ours_ref))
+    assert nan[5] == (direction == "oracle||unlearned")  # every oracle sample dropped: no distribution
+    np.testing.assert_allclose(ours_ref[~nan], theirs[~nan], rtol=0, atol=1e-6)
+    # our default binning keeps the max; same KL otherwise (float32 arithmetic: 2e-5)
+    np.testing.assert_allclose(ours_inc, inclusive, rtol=0, atol=2e-5)
+    # the two binnings really differ: dropping the max moves many points
+    differ = np.abs(ours_inc - np.where(nan, 0, theirs)) > 1e-3
+    assert differ.sum() > 10, differ.sum()
+
+
+def test_klom_rejects_unknown_binning():
+    with pytest.raises(JaxUnlearnError, match="unknown binning 'digitize'"):
+        klom(jnp.zeros((5, 3)), jnp.zeros((5, 3)), binning="digitize")
+    with pytest.raises(JaxUnlearnError, match="unknown direction"):
+        klom(jnp.zeros((5, 3)), jnp.zeros((5, 3)), direction="q||p")
+
+
+def test_pipeline_config_takes_the_klom_settings():
+    from jaxunlearn.pipeline.config import PipelineConfig
+
+    cfg = PipelineConfig().with_overrides(["klom_binning=reference", "klom_direction=unlearned||oracle"])
+    assert (cfg.klom_binning, cfg.klom_direction) == ("reference", "unlearned||oracle")
+    with pytest.raises(JaxUnlearnError, match="klom_binning must be one of inclusive, reference"):
+        PipelineConfig().with_overrides(["klom_binning=digitize"])

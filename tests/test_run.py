@@ -311,3 +311,35 @@ def test_two_local_devices_share_each_chunk_bit_identically(reference_run, tmp_p
     r = subprocess.run([sys.executable, "-m", "jaxunlearn", *TRAIN, "--out", out, "--devices", "3"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "--devices must lie in [1, 2]" in r.stderr
+
+
+def test_short_last_chunk_is_padded_into_the_same_program(reference_run, tmp_path):
+    """5 models in chunks of 2: the last chunk (1 model) runs padded in the 2-model program, its padding
+    dropped; every model is bit-identical to the 8-model reference run's."""
+    from jaxunlearn.training import load_run
+
+    out = str(tmp_path / "run")
+    args = [a if a != "8" else "5" for a in TRAIN]
+    assert main([*args, "--out", out]) == 0
+    run, ref = load_run(out), load_run(reference_run)
+    assert run["margins"].shape == (5, 1797)
+    assert run["margins"].tobytes() == ref["margins"][:5].tobytes()
+    assert json.load(open(os.path.join(out, "chunks", "00002", "meta.json")))["models"] == [4]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    # programs this call needed beyond those already in memory: never one for the short chunk's shape
+    assert summary["compile"]["programs"] <= 5 and summary["compile"]["cache_dir"] is None, summary["compile"]
+
+
+def test_recipe_follows_the_model_and_is_named():
+    from jaxunlearn.cli import build_parser, run_config_from_args
+
+    def cfg_of(*extra):
+        args = build_parser().parse_args(["train", "--dataset", "digits", "--out", "x", *extra])
+        return run_config_from_args(args)[0].recipe, args.recipe_used
+
+    assert cfg_of("--model", "cnn") == (RECIPES["digits-cnn"], "digits-cnn")
+    assert cfg_of() == (RECIPES["digits-mlp"], "digits-mlp")
+    recipe, used = cfg_of("--model", "cnn", "--recipe", "digits-mlp", "--epochs", "4")
+    assert recipe.model == "cnn" and recipe.peak_lr == RECIPES["digits-mlp"].peak_lr
+    assert used == "digits-mlp model=cnn epochs=4"
+    assert cfg_of("--model", "resnet9")[1] == "digits-mlp model=resnet9"  # no digits-resnet9: said so

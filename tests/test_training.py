@@ -125,3 +125,31 @@ def test_digits_ensemble_reaches_single_model_accuracy(digits):
     assert single_acc > 0.93
     assert abs(float(ens_acc.mean()) - single_acc) <= 0.02, (float(ens_acc.mean()), single_acc)
     assert float(ens_acc.min()) > 0.9
+
+
+def test_memory_estimate_bounds_what_xla_allocates_and_needs_no_compile(digits):
+    """The chunk size comes from a count of bytes (no compile): it must not undercount XLA's own figure
+    for a 1-model epoch (temporaries; arguments beyond the data), nor be absurdly above it."""
+    from jaxunlearn.compile_cache import CompileCounter
+    from jaxunlearn.training.ensemble import EnsembleFns
+    from jaxunlearn.training.run import auto_chunk, memory_estimate
+
+    recipe = RECIPES["digits-cnn"]
+    masks = random_subset_masks(digits.n_train, 1, 0.5, 0)
+    trainer = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std,
+                           steps_per_epoch(masks, recipe.batch_size), "im2col")
+    counter = CompileCounter()
+    est = memory_estimate(trainer, digits.image_shape, digits.train_images.dtype, recipe.batch_size)
+    assert counter.snapshot()["programs"] == 0
+    fns = EnsembleFns(trainer, 1, 1)
+    keys = jax.random.split(jax.random.key(0), 1)
+    images, labels = jax.device_put(digits.train_images), jax.device_put(digits.train_labels)
+    mem = fns.epoch.lower(jax.eval_shape(fns.init, keys), images, labels, jnp.asarray(masks), keys,
+                          jnp.int32(0)).compile().memory_analysis()
+    args = mem.argument_size_in_bytes - images.nbytes - labels.nbytes
+    assert est["state"] <= args <= est["state"] + digits.n_train + 64
+    assert mem.temp_size_in_bytes <= est["step"] <= 20 * mem.temp_size_in_bytes, (est, mem.temp_size_in_bytes)
+    # 1 GB for a 1437-point data set: the temporaries of one group plus three states per model
+    per_model = 3 * est["state"] + digits.n_train + 64
+    assert auto_chunk(est, digits.n_train, 1, 10**6, budget=10**9) == (10**9 - est["step"]) // per_model
+    assert auto_chunk(est, digits.n_train, 1, 7, budget=10**9) == 7

@@ -4,6 +4,15 @@ Per evaluation point, both sets of margins are clipped to ±clip, binned into ``
 spanning the combined range of the two sets, and compared as histograms; bins empty in the
 second distribution get ``eps`` mass where the first has mass (then both are renormalised, as
 scipy.stats.entropy does). Vectorised over all points at once.
+
+Two binnings (``binning=``):
+
+* ``"inclusive"`` (default): every sample is counted; the pooled maximum falls in the last bin.
+* ``"reference"``: data-unlearning-bench's ``compute_binned_KL_div`` exactly: bin edges from
+  ``np.linspace(lo, hi, bins + 1)`` and ``np.digitize``, so samples *equal to the pooled maximum*
+  fall past the last edge and are dropped (every such sample, e.g. all margins clipped at +clip),
+  and the KL is taken in float64 as ``scipy.stats.entropy`` takes it. A point where the first set
+  loses every sample this way has no distribution: NaN, as in the reference.
 """
 from __future__ import annotations
 
@@ -38,12 +47,68 @@ def binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: flo
     return terms.sum(-1)
 
 
-def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, clip: float = 100.0,
-         direction: str = "oracle||unlearned"):
-    """KLoM per point. oracle_margins: f32[K1, P], unlearned_margins: f32[K2, P] -> f32[P].
+BINNINGS = ("inclusive", "reference")
+DIRECTIONS = ("oracle||unlearned", "unlearned||oracle")
 
-    ``direction``: "oracle||unlearned" (default, KL(oracle ‖ unlearned)) or "unlearned||oracle"
-    (the argument order of the reference evaluation code).
+
+@jax.jit
+def _clipped_range(p_samples, q_samples, clip):
+    """The clipped samples and their pooled range per point, as the reference computes them
+    (float32; an empty range becomes [lo, lo + 1]). -> (p f32[Kp, P], q f32[Kq, P], lo f32[P], hi f32[P])."""
+    p = jnp.clip(p_samples, -clip, clip)
+    q = jnp.clip(q_samples, -clip, clip)
+    lo = jnp.minimum(p.min(0), q.min(0))
+    hi = jnp.maximum(p.max(0), q.max(0))
+    return p, q, lo, jnp.where(lo >= hi, lo + 1.0, hi)
+
+
+@partial(jax.jit, static_argnames=("bins",))
+def _digitize_counts(p, q, edges, bins: int):
+    """Per-point histogram counts the way ``np.digitize(x, edges)`` bins them: index = number of edges
+    <= x, and only indices 1..bins are counted (a sample equal to the last edge is dropped).
+    p: f32[Kp, P], q: f32[Kq, P], edges: f32[P, bins + 1] -> (i32[P, bins], i32[P, bins])."""
+    def counts(s):
+        idx = jax.vmap(lambda e, col: jnp.searchsorted(e, col, side="right"))(edges, s.T)  # [P, K]
+        return jax.nn.one_hot(idx - 1, bins, dtype=jnp.int32).sum(1)  # index bins+1 -> no bin
+    return counts(p), counts(q)
+
+
+def _kl_from_counts(cp, cq, eps: float):
+    """KL(P ‖ Q) per point from bin counts, as ``scipy.stats.entropy(p, max(q, eps) where p > 0)``
+    computes it: float64, both renormalised. cp, cq: int[P, bins] -> f64[P] (NaN where P is empty)."""
+    cp, cq = np.asarray(cp, np.float64), np.asarray(cq, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hp = cp / cp.sum(-1, keepdims=True)
+        tq = cq.sum(-1, keepdims=True)
+        hq = np.where(tq > 0, cq / np.where(tq > 0, tq, 1.0), 0.0)
+        hq = np.where(hp > 0, np.maximum(hq, eps), hq)
+        hq = hq / hq.sum(-1, keepdims=True)
+        terms = np.where(hp > 0, hp * (np.log(np.where(hp > 0, hp, 1.0)) - np.log(np.where(hq > 0, hq, 1.0))), 0.0)
+    out = terms.sum(-1)
+    return np.where(cp.sum(-1) > 0, out, np.nan)
+
+
+def reference_binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
+    """KL(P ‖ Q) per point with data-unlearning-bench's binning (see module docstring).
+    p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f64[P] (numpy)."""
+    p, q, lo, hi = _clipped_range(jnp.asarray(p_samples, jnp.float32), jnp.asarray(q_samples, jnp.float32), clip)
+    # the edges exactly as np.linspace makes them from float32 ends (float32, last edge = hi)
+    edges = np.linspace(np.asarray(lo), np.asarray(hi), bins + 1, axis=-1)
+    cp, cq = _digitize_counts(p, q, jnp.asarray(edges), bins)
+    return _kl_from_counts(cp, cq, eps)
+
+
+def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, clip: float = 100.0,
+         direction: str = "oracle||unlearned", binning: str = "inclusive"):
+    """KLoM per point. oracle_margins: f32[K1, P], unlearned_margins: f32[K2, P] -> f32[P]
+    (f64[P] with ``binning="reference"``).
+
+    ``direction``: "oracle||unlearned" (default, KL(oracle ‖ unlearned); what data-unlearning-bench's
+    ``run.py`` computes, since it passes the oracle margins first to ``kl_from_margins(unlearned,
+    oracle)``) or "unlearned||oracle" (what that function's own signature and EasyDUB's
+    ``klom_from_margins`` compute). ``binning``: "inclusive" (default) or "reference" (the
+    benchmark's ``np.digitize`` binning, which drops samples equal to the pooled maximum; module
+    docstring).
     """
     o, u = jnp.asarray(oracle_margins, jnp.float32), jnp.asarray(unlearned_margins, jnp.float32)
     chex.assert_rank([o, u], 2)
@@ -51,11 +116,14 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
         raise JaxUnlearnError(f"KLoM: oracle margins cover {o.shape[1]} points, unlearned {u.shape[1]}")
     if not (bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(u)))):
         raise JaxUnlearnError("KLoM: margins contain NaN or inf")
-    if direction == "oracle||unlearned":
-        return binned_kl(o, u, bins, eps, clip)
-    if direction == "unlearned||oracle":
-        return binned_kl(u, o, bins, eps, clip)
-    raise JaxUnlearnError(f"KLoM: unknown direction {direction!r}")
+    if direction not in DIRECTIONS:
+        raise JaxUnlearnError(f"KLoM: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+    if binning not in BINNINGS:
+        raise JaxUnlearnError(f"KLoM: unknown binning {binning!r}; choose from {', '.join(BINNINGS)}")
+    first, second = (o, u) if direction == "oracle||unlearned" else (u, o)
+    if binning == "reference":
+        return reference_binned_kl(first, second, bins, eps, clip)
+    return binned_kl(first, second, bins, eps, clip)
 
 
 def klom_groups(forget_idx, n_train: int, n_test: int) -> dict:

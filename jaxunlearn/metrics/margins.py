@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.jit
 def margins_from_logits(logits, labels):
     """logits: f32[..., n, C], labels: i32[n] -> f32[..., n]."""
     chex.assert_rank(labels, 1)
@@ -16,6 +17,7 @@ def margins_from_logits(logits, labels):
     return correct - others
 
 
+@jax.jit
 def accuracy_from_logits(logits, labels):
     """logits: f32[..., n, C], labels: i32[n] -> f32[...] (fraction correct)."""
     return jnp.mean(logits.argmax(-1) == labels, axis=-1)

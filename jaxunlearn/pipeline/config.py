@@ -59,6 +59,11 @@ class PipelineConfig:
     lds_points: int = 20000  # ridge LDS on margins of at most this many points (memory: points × n_train)
     lasso_iters: int = 50  # FISTA iterations per λ (warm-started path; on digits 50 and 200 give the same LDS)
     chunk: int | None = None
+    # KLoM's binning: "inclusive" (every sample counted) or "reference" (data-unlearning-bench's
+    # np.digitize binning, which drops samples equal to the pooled maximum: matches published numbers)
+    klom_binning: str = "inclusive"
+    # "oracle||unlearned" (what data-unlearning-bench's run.py computes) or "unlearned||oracle" (EasyDUB)
+    klom_direction: str = "oracle||unlearned"
 
     @classmethod
     def from_json(cls, path: str) -> "PipelineConfig":
@@ -97,6 +102,12 @@ class PipelineConfig:
             raise JaxUnlearnError(f"influence_thresholds must be numbers >= 0, got {self.influence_thresholds}")
         if not self.forget_sets:
             raise JaxUnlearnError("no forget sets given")
+        from jaxunlearn.metrics.klom import BINNINGS, DIRECTIONS
+
+        if self.klom_binning not in BINNINGS:
+            raise JaxUnlearnError(f"klom_binning must be one of {', '.join(BINNINGS)}, got {self.klom_binning!r}")
+        if self.klom_direction not in DIRECTIONS:
+            raise JaxUnlearnError(f"klom_direction must be one of {', '.join(DIRECTIONS)}, got {self.klom_direction!r}")
         for name, over in self.method_overrides.items():
             self.method_config(name, over)  # unknown methods / hyperparameters fail here
         return self

@@ -335,7 +335,12 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
 def noise_floor(exp: Experiment, spec: str) -> dict:
     """KLoM between the two oracle halves: what a perfect unlearner scores."""
     o = exp.oracles[spec]["margins"]
-    return klom_summary(klom(o[exp.k2:], o[:exp.k2]), exp.groups[spec])
+    return klom_summary(exp_klom(exp, o[exp.k2:], o[:exp.k2]), exp.groups[spec])
+
+
+def exp_klom(exp: Experiment, oracle_margins, unlearned_margins):
+    """Per-point KLoM with the experiment's binning and direction. f32[K, P], f32[K, P] -> [P]."""
+    return klom(oracle_margins, unlearned_margins, binning=exp.cfg.klom_binning, direction=exp.cfg.klom_direction)
 
 
 def dm_direct_logits(exp: Experiment, spec: str):
@@ -389,7 +394,7 @@ def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, co
         correct = np.asarray(logits.argmax(-1) == labels)
         acc = group_accuracy(correct, g, n)
         ref = oracle_accuracy(exp, spec)
-        r.update(klom=klom_summary(klom(oracle[exp.k2:], m), g), accuracy=acc,
+        r.update(klom=klom_summary(exp_klom(exp, oracle[exp.k2:], m), g), accuracy=acc,
                  accuracy_gap=accuracy_gaps(acc, ref), tow=tug_of_war(acc, ref),
                  mia=mia(m, oracle[exp.k2:], full[exp.k2:], oracle[:exp.k2], g["forget"]))
     if method in ("dm-direct", "dmm"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh
@@ -28,10 +27,16 @@ def map_models(fn: Callable, xs, vmap_width: int, n_models: int):
     return lax.map(fn, xs, batch_size=max(1, vmap_width))
 
 
-def model_keys(seed: int, model_ids) -> jax.Array:
-    """Per-model keys: fold_in(key(seed), global model index). model_ids: i32[k] -> key[k]."""
+@jax.jit
+def _model_keys(seed, model_ids):
     root = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(model_ids, jnp.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(model_ids)
+
+
+def model_keys(seed: int, model_ids) -> jax.Array:
+    """Per-model keys: fold_in(key(seed), global model index). model_ids: i32[k] -> key[k]
+    (one compiled program per k; the ids go in as host uint32, so nothing else compiles)."""
+    return _model_keys(np.int32(seed), np.asarray(model_ids, np.uint32))
 
 
 def models_mesh(devices) -> Mesh:
@@ -102,11 +107,11 @@ def train_ensemble(trainer: Trainer, images, labels, masks, model_ids, seed: int
     k = int(np.shape(masks)[0])
     fns = fns or EnsembleFns(trainer, k, vmap_width or k)
     keys = model_keys(seed, model_ids)
-    masks = jnp.asarray(masks)
+    masks = jax.device_put(np.asarray(masks))  # not jnp.asarray: that compiles a program per shape
     states = fns.init(keys)
     metrics = {}
     for e in range(epochs):
-        states, metrics = fns.epoch(states, images, labels, masks, keys, jnp.int32(e))
+        states, metrics = fns.epoch(states, images, labels, masks, keys, np.int32(e))
         if on_epoch is not None:
             on_epoch(e, metrics)
     return states, metrics

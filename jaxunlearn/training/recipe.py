@@ -7,6 +7,7 @@ import math
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxunlearn.errors import JaxUnlearnError
@@ -92,6 +93,16 @@ DEFAULT_RECIPE = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9", "cifar10
                   "svhn": "cifar10-resnet9"}
 
 
+def default_recipe(dataset: str, model: str | None = None) -> str:
+    """The built-in recipe ``train`` uses without ``--recipe``: ``<dataset>-<model>`` when there is one
+    (``--model cnn`` on digits: ``digits-cnn``), else the data set's default (its model then replaced)."""
+    if model is not None and f"{dataset}-{model}" in RECIPES:
+        return f"{dataset}-{model}"
+    if dataset not in DEFAULT_RECIPE:
+        raise JaxUnlearnError(f"no default recipe for data set {dataset!r}; name one with --recipe")
+    return DEFAULT_RECIPE[dataset]
+
+
 def recipe_from_fields(fields: dict, where: str = "recipe") -> Recipe:
     unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
     if unknown:
@@ -114,8 +125,9 @@ def load_recipe(name_or_path: str | dict) -> Recipe:
 
 def triangle_schedule(peak_lr: float, peak_step: float, total_steps: int):
     """Single-peak linear schedule: 0 at step 0, ``peak_lr`` at ``peak_step``, 0 at ``total_steps``."""
-    xp = jnp.array([0.0, float(peak_step), float(total_steps)])
-    fp = jnp.array([0.0, 1.0, 0.0])
+    # host constants (np, float32 as jnp would make them): jnp.array would compile a program here
+    xp = np.array([0.0, float(peak_step), float(total_steps)], np.float32)
+    fp = np.array([0.0, 1.0, 0.0], np.float32)
     return lambda step: peak_lr * jnp.interp(step, xp, fp)
 
 

@@ -28,12 +28,15 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunlearn.compile_cache import CompileCounter
 from jaxunlearn.data.datasets import Dataset
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
@@ -92,15 +95,59 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
-def auto_chunk(fns_factory: Callable[[int], EnsembleFns], images, labels, masks, seed: int, max_models: int) -> int:
-    """Models per chunk from free memory and the compiled memory footprint of a 2-model epoch."""
-    fns = fns_factory(2)
-    keys = jax.random.split(jax.random.key(seed), 2)
-    states = jax.eval_shape(fns.init, keys)
-    compiled = fns.epoch.lower(states, images, labels, jnp.asarray(masks[:2]), keys, jnp.int32(0)).compile()
-    mem = compiled.memory_analysis()
-    per_model = max(1, (mem.temp_size_in_bytes + mem.argument_size_in_bytes - images.nbytes - labels.nbytes) // 2)
-    return int(max(1, min(max_models, 0.5 * available_memory_bytes() // per_model)))
+def _itemsize(dtype) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # an extended dtype (PRNG keys): two uint32 words
+        return 8
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape, dtype=np.int64) * _itemsize(x.dtype) for x in jax.tree.leaves(tree)))
+
+
+def _jaxpr_value_bytes(jaxpr) -> int:
+    """Bytes of every value a jaxpr (and the jaxprs nested in it) creates: an upper bound on what one
+    call keeps alive at once."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(_tree_bytes(v.aval) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _jaxpr_value_bytes(sub)
+    return total
+
+
+def memory_estimate(trainer, image_shape, image_dtype, batch_size: int) -> dict:
+    """Bytes one model needs while training, counted without compiling anything: ``state`` (params,
+    batch statistics, optimiser state: exact, from ``jax.eval_shape``) and ``step`` (every value one
+    train step creates, from its jaxpr: an upper bound on its temporaries)."""
+    key = jax.eval_shape(lambda: jax.random.key(0))  # shapes only: a concrete key would compile
+    state = jax.eval_shape(trainer.init, key)
+    images = jax.ShapeDtypeStruct((batch_size, *image_shape), image_dtype)
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    jaxpr = jax.make_jaxpr(trainer.train_step)(state, images, labels, key)
+    return {"state": _tree_bytes(state), "step": _jaxpr_value_bytes(jaxpr.jaxpr)}
+
+
+def auto_chunk(estimate: dict, n_train: int, vmap_width: int, max_models: int, budget: int | None = None) -> int:
+    """Models per chunk (per device) from free memory and :func:`memory_estimate`: each model of a
+    chunk holds its state three times (in, out, gradients) and its subset mask; the temporaries of a
+    train step exist for the ``vmap_width`` models of one group at a time."""
+    budget = int(0.5 * available_memory_bytes()) if budget is None else budget
+    per_model = 3 * estimate["state"] + n_train + 64
+    group = estimate["step"]
+    fit_wide = budget // (per_model + group)  # every model of the chunk vmapped together
+    if min(max_models, fit_wide) <= vmap_width:
+        return int(max(1, min(max_models, fit_wide)))
+    return int(max(1, min(max_models, (budget - vmap_width * group) // per_model)))
+
+
+def balanced_chunk(models: int, chunk: int, multiple: int = 1) -> int:
+    """The smallest chunk size (a multiple of ``multiple``) that trains ``models`` in as many chunks as
+    ``chunk`` does: the chunks come out (nearly) equal, so padding the last one costs little."""
+    n_chunks = -(-models // chunk)
+    per = -(-models // n_chunks)
+    return min(chunk, -(-per // multiple) * multiple)
 
 
 def _check_out(out: str, cfg_dict: dict) -> bool:
@@ -315,6 +362,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     split across them (``shard_map``), each running the measured per-device layout. Results are
     bit-identical to one device: every model runs the same program either way.
     """
+    counter = CompileCounter()
     cfg.recipe.validate()
     if cfg.models < 1:
         raise JaxUnlearnError(f"models must be >= 1, got {cfg.models}")
@@ -330,8 +378,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                 "steps_per_epoch": spe, "conv_impl": conv_impl}
     resuming = _check_out(out, run_dict)
 
-    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-    all_images = jnp.asarray(dataset.all_images)
+    # device_put, not jnp.asarray: the latter compiles a small program per shape
+    images, labels = jax.device_put(dataset.train_images), jax.device_put(dataset.train_labels)
+    all_images = jax.device_put(dataset.all_images)
     local = jax.local_devices()
     if devices is not None and not 1 <= devices <= len(local):
         raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
@@ -341,8 +390,12 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             chunk = json.load(f)["chunk_resolved"]
     else:
         vw0 = cfg.vmap_width or strat.vmap_width
-        chunk = cfg.chunk or len(devs) * auto_chunk(lambda k: EnsembleFns(trainer, k, min(vw0, k)), images, labels,
-                                                    masks, cfg.seed, cfg.models)  # per device, times the devices
+        if cfg.chunk:
+            chunk = cfg.chunk
+        else:  # per device, times the devices; then as even as the same number of chunks allows
+            est = memory_estimate(trainer, dataset.image_shape, dataset.train_images.dtype, cfg.recipe.batch_size)
+            chunk = len(devs) * auto_chunk(est, dataset.n_train, vw0, -(-cfg.models // len(devs)))
+            chunk = balanced_chunk(cfg.models, chunk, len(devs))
     chunk = max(1, min(int(chunk), cfg.models))
     width_for = lambda c: min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, c).vmap_width, c)  # noqa: E731
     run_dict.update(chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend)
@@ -375,7 +428,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         log(f"chunk {name} of {out} is damaged ({problem}); re-training it")
         shutil.rmtree(os.path.join(chunks_dir, name))
 
-    fns_cache: dict[int, EnsembleFns] = {}
+    # one program for every chunk: a short last chunk is padded with copies of its last model
+    fns = EnsembleFns(trainer, chunk, vmap_width, devs)
     t0 = time.time()
     trained = 0
     for c in mine:
@@ -386,12 +440,14 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                 progress(float(ids[-1] + 1), cfg.models)
             continue
         k = len(ids)
-        fns = fns_cache.setdefault(k, EnsembleFns(trainer, k, min(vmap_width, k), devs))
+        run_ids = np.concatenate([ids, np.full(chunk - k, ids[-1])])
         cb = (lambda e, m: progress(ids[0] + k * (e + 1) / cfg.recipe.epochs, cfg.models)) if progress else None
         tc = time.time()
-        states, _ = train_ensemble(trainer, images, labels, masks[ids], ids, cfg.seed, cfg.recipe.epochs,
+        states, _ = train_ensemble(trainer, images, labels, masks[run_ids], run_ids, cfg.seed, cfg.recipe.epochs,
                                    on_epoch=cb, fns=fns)
-        logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)
+        logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)[:k]
+        if k < chunk:  # drop the padding (on the host: slicing on the device would compile)
+            states = jax.tree.map(lambda t: jax.device_put(np.asarray(t)[:k]), states)
         if not np.all(np.isfinite(logits)):
             raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
         if _save_chunk(final, states, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
@@ -402,13 +458,24 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         return {"complete": False, "models": cfg.models, "models_trained_now": trained, "wall_seconds": wall,
                 "chunks_missing": len(missing), "chunks": n_chunks}
     # a lone process just verified every chunk; a worker checks the others' too
-    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=worker is not None)
+    return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=worker is not None,
+                        counter=counter)
+
+
+@partial(jax.jit, static_argnums=2)
+def _run_outputs(logits, labels, n_train: int):
+    """Margins f32[M, n] and train / test accuracy f32[M] of a run's logits f32[M, n, C] (one program)."""
+    return (margins_from_logits(logits, labels), accuracy_from_logits(logits[:, :n_train], labels[:n_train]),
+            accuracy_from_logits(logits[:, n_train:], labels[n_train:]))
 
 
 def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
-                 verify: bool = True) -> dict:
+                 verify: bool = True, counter: CompileCounter | None = None) -> dict:
     """Concatenates finished chunks (verified first unless ``verify=False``) into margins.npy, logits.npy,
-    accuracy.json and summary.json; then records the checksums of the run-level files."""
+    accuracy.json and summary.json; then records the checksums of the run-level files. summary.json's
+    ``compile`` says what this process compiled since ``counter`` started (programs, really compiled,
+    persistent-cache hits, seconds), and which compilation cache it used."""
+    counter = counter or CompileCounter()
     if verify:
         _raise_if_damaged(out)
     chunks_dir = os.path.join(out, "chunks")
@@ -418,18 +485,17 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
         pass
     names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
     logits = np.concatenate([np.load(os.path.join(chunks_dir, n, "outputs.npz"))["logits"] for n in names])
-    labels = jnp.asarray(dataset.all_labels)
-    margins = np.asarray(margins_from_logits(jnp.asarray(logits), labels), np.float32)
-    n = dataset.n_train
-    acc_train = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, :n]), labels[:n]))
-    acc_test = np.asarray(accuracy_from_logits(jnp.asarray(logits[:, n:]), labels[n:]))
+    margins, acc_train, acc_test = (np.asarray(a) for a in _run_outputs(logits, dataset.all_labels, dataset.n_train))
+    margins = margins.astype(np.float32)
     save_npy_atomic(os.path.join(out, "logits.npy"), logits)
     save_npy_atomic(os.path.join(out, "margins.npy"), margins)
     write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})
     summary = {"complete": True, "models": int(logits.shape[0]), "mean_train_accuracy": float(acc_train.mean()),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
                "wall_seconds": wall_seconds,
-               "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None}
+               "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None,
+               "compile": {**{k: v for k, v in counter.snapshot().items() if k != "names"},
+                           "cache_dir": jax.config.jax_compilation_cache_dir}}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     write_json_atomic(os.path.join(out, CHECKSUMS), {f: sha256_file(os.path.join(out, f)) for f in ASSEMBLED})
     return summary

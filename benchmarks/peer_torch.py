@@ -1,0 +1,464 @@
+"""jaxunlearn vs the PyTorch script a researcher already has, side by side, each run as its own process.
+
+    python benchmarks/peer_torch.py [--json benchmarks/results/cpu_peer_torch.json]
+                                    [--configs mlp:64 mlp:256 cnn:64 cnn:256] [--repeats 1]
+
+Needs PyTorch (``pip install -e .[peers]``); the library and its tests never import it.
+
+For every configuration (model × ensemble size, on the embedded digits data) this runs, each as a
+separate process so that the whole-process wall time includes imports, start-up and compiling:
+
+* ``ours cold``: ``jaxunlearn train --dataset digits --model M --models K`` with an empty compilation
+  cache folder; ``ours warm``: the same command again with that folder now filled;
+* ``ours steady``: our ensemble engine (the layout ``train`` picks), every epoch timed to completion;
+* ``torch loop``: the same recipe in PyTorch, a plain Python loop over models (each model trained for
+  all its epochs, ``torch.optim.SGD``);
+* ``torch vmap``: ``torch.func``: ``stack_module_state`` + ``vmap(grad(functional_call))`` over all K
+  models at once, one ``torch.optim.SGD`` over the stacked parameters.
+
+The same work in each: the recipe of ``train`` for that model (``jaxunlearn.training.recipe``: digits-mlp /
+digits-cnn: SGD with Nesterov momentum 0.9, coupled weight decay, the per-step triangle learning-rate
+schedule that is 0 at the first step, batch 64, translation by up to ``crop_pad`` pixels), the same
+train/test split, normalisation and α = 0.5 subset masks (made by our own code here and handed to the
+torch processes as NumPy arrays), the same number of steps per epoch (the last batch wrapping around
+the model's subset), PyTorch's default init (which ours copies; biases zero, as ours). Per-model data
+order and augmentation draws come from each framework's own generator. Torch's thread count is pinned
+to the cores this process may use (what XLA's CPU client uses), and they run with
+``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): on a machine shared with other work, OpenMP's default
+spin-waiting made torch 100-200x slower per epoch here (4 MLPs: 5.5 s vs 0.027 s), which would measure
+the spinning, not the framework. A configuration whose mean test accuracies differ by more than 0.5
+point is marked void. Each subprocess's 1-minute load average before and after is in the JSON.
+
+Reported per configuration: whole-process wall (s, median over repeats), start-up = wall − epochs ×
+steady s/epoch (imports, data, init, compiling), steady s/epoch for all K models, mean test
+accuracy, and ``ratio`` = best torch ÷ ours (above 1: we are faster) for the whole process (cold and
+warm cache) and for the steady state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RECIPE = {"mlp": "digits-mlp", "cnn": "digits-cnn"}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the data every implementation trains on (made with our code, saved as NumPy)
+
+def write_data(path: str, model: str, models: int, seed: int) -> dict:
+    from jaxunlearn.data import load_digits
+    from jaxunlearn.training.recipe import load_recipe
+    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
+
+    d = load_digits()
+    recipe = load_recipe(RECIPE[model])
+    masks = random_subset_masks(d.n_train, models, 0.5, seed)
+    import numpy as np
+
+    np.savez(path, train_images=d.train_images, train_labels=d.train_labels, test_images=d.test_images,
+             test_labels=d.test_labels, mean=np.asarray(d.mean, np.float32), std=np.asarray(d.std, np.float32),
+             masks=masks)
+    return {**recipe.to_dict(), "steps_per_epoch": steps_per_epoch(masks, recipe.batch_size)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# workers (each its own process)
+
+def worker_ours(a) -> dict:
+    """Our engine as ``train_run`` lays it out (one chunk of K models), every epoch timed to completion."""
+    import jax
+    import numpy as np
+
+    from jaxunlearn.data import load_digits
+    from jaxunlearn.training.ensemble import EnsembleFns, model_keys
+    from jaxunlearn.training.recipe import load_recipe
+    from jaxunlearn.training.step import make_trainer
+    from jaxunlearn.training.strategy import default_strategy
+    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
+
+    d = load_digits()
+    recipe = load_recipe(RECIPE[a.model])
+    masks = random_subset_masks(d.n_train, a.models, 0.5, a.seed)
+    strat = default_strategy(recipe.model, jax.default_backend(), a.models)
+    trainer = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std,
+                           steps_per_epoch(masks, recipe.batch_size), strat.conv_impl)
+    fns = EnsembleFns(trainer, a.models, min(strat.vmap_width, a.models))
+    images, labels = jax.device_put(d.train_images), jax.device_put(d.train_labels)
+    keys = model_keys(a.seed, np.arange(a.models))
+    m = jax.device_put(masks)
+    states = jax.block_until_ready(fns.init(keys))
+    epochs = []
+    for e in range(recipe.epochs):
+        t = time.perf_counter()
+        states, _ = fns.epoch(states, images, labels, m, keys, np.int32(e))
+        jax.block_until_ready(states)
+        epochs.append(time.perf_counter() - t)
+    logits = np.asarray(fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
+    acc = float((logits.argmax(-1) == d.test_labels[None]).mean())
+    return {"epoch_seconds": epochs, "test_accuracy": acc,
+            "layout": f"{strat.conv_impl}:{min(strat.vmap_width, a.models)}"}
+
+
+def _torch_setup(a):
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(cores())
+    z = np.load(a.data)
+    mean, std = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"])
+
+    def prep(u8):  # u8[n, H, W, C] -> normalised f32[n, C, H, W]
+        x = (torch.from_numpy(u8).float() - mean) / std
+        return x.permute(0, 3, 1, 2).contiguous()
+
+    data = {"x": prep(z["train_images"]), "y": torch.from_numpy(z["train_labels"]).long(),
+            "xt": prep(z["test_images"]), "yt": torch.from_numpy(z["test_labels"]).long(),
+            "masks": z["masks"]}
+    return torch, data
+
+
+def _torch_model(torch, model: str, in_shape, num_classes: int = 10):
+    nn = torch.nn
+    c, h, w = in_shape
+    if model == "mlp":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                            nn.Linear(128, num_classes))
+    else:
+        def cbn(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o, eps=1e-5, momentum=0.1), nn.ReLU()]
+        net = nn.Sequential(*cbn(c, 16), *cbn(16, 32), nn.MaxPool2d(2), *cbn(32, 64), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(64, num_classes))
+    for mod in net.modules():  # PyTorch's default weight init (ours copies it); biases zero, as ours
+        if isinstance(mod, nn.Linear) and mod.bias is not None:
+            nn.init.zeros_(mod.bias)
+    return net
+
+
+def _lr(recipe: dict, step: int) -> float:
+    """The triangle schedule as optax applies it: step t uses schedule(t), so the first step has lr 0."""
+    spe = recipe["steps_per_epoch"]
+    peak, total = recipe["peak_epoch"] * spe, recipe["epochs"] * spe
+    if step <= peak:
+        f = step / peak if peak > 0 else 1.0
+    else:
+        f = max(0.0, (total - step) / (total - peak))
+    return recipe["peak_lr"] * f
+
+
+def _batches(np_masks, model: int, epoch: int, seed: int, batch: int, steps: int):
+    """i64[steps, batch]: a fresh permutation of the model's subset, wrapping around at the end."""
+    import numpy as np
+
+    idx = np.flatnonzero(np_masks[model])
+    order = np.random.default_rng([seed, model, epoch, 7]).permutation(idx)
+    return order[np.arange(steps * batch) % len(order)].reshape(steps, batch)
+
+
+def _translate(torch, x, pad: int, gen):
+    """Per-example random translation by up to ``pad`` pixels (zero padding). x: f32[..., B, C, H, W]."""
+    if pad == 0:
+        return x
+    *lead, b, c, h, w = x.shape
+    x = x.reshape(-1, c, h, w)
+    n = x.shape[0]
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    r = off[:, 0, None] + torch.arange(h)  # [n, h]
+    q = off[:, 1, None] + torch.arange(w)  # [n, w]
+    ni = torch.arange(n)[:, None, None]
+    x = xp.permute(0, 2, 3, 1)[ni, r[:, :, None], q[:, None, :]].permute(0, 3, 1, 2)
+    return x.reshape(*lead, b, c, h, w)
+
+
+def worker_torch_loop(a) -> dict:
+    torch, d = _torch_setup(a)
+    recipe = json.loads(a.recipe)
+    masks, steps, bs = d["masks"], recipe["steps_per_epoch"], recipe["batch_size"]
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    gen = torch.Generator().manual_seed(a.seed)
+    per_model, accs = [], []
+    for m in range(a.models):
+        t = time.perf_counter()
+        torch.manual_seed(a.seed * 1_000_003 + m)
+        net = _torch_model(torch, a.model, tuple(d["x"].shape[1:]))
+        opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=recipe["momentum"], nesterov=recipe["nesterov"],
+                              weight_decay=recipe["weight_decay"])
+        net.train()
+        step = 0
+        for e in range(recipe["epochs"]):
+            idx = torch.from_numpy(_batches(masks, m, e, a.seed, bs, steps))
+            for s in range(steps):
+                xb = _translate(torch, d["x"][idx[s]], recipe["crop_pad"], gen)
+                for g in opt.param_groups:
+                    g["lr"] = _lr(recipe, step)
+                opt.zero_grad(set_to_none=True)
+                loss_fn(net(xb), d["y"][idx[s]]).backward()
+                opt.step()
+                step += 1
+        net.eval()
+        with torch.no_grad():
+            accs.append(float((net(d["xt"]).argmax(-1) == d["yt"]).float().mean()))
+        per_model.append(time.perf_counter() - t)
+    # steady: the median model (the first one carries the warm-up), as seconds per epoch of all K models
+    steady_model = statistics.median(per_model[1:]) if len(per_model) > 1 else per_model[0]
+    return {"model_seconds": per_model, "steady_epoch_seconds": steady_model * a.models / recipe["epochs"],
+            "test_accuracy": float(sum(accs) / len(accs)), "threads": torch.get_num_threads()}
+
+
+def worker_torch_vmap(a) -> dict:
+    import numpy as np
+
+    torch, d = _torch_setup(a)
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    recipe = json.loads(a.recipe)
+    masks, steps, bs, k = d["masks"], recipe["steps_per_epoch"], recipe["batch_size"], a.models
+    gen = torch.Generator().manual_seed(a.seed)
+    nets = []
+    for m in range(k):
+        torch.manual_seed(a.seed * 1_000_003 + m)
+        nets.append(_torch_model(torch, a.model, tuple(d["x"].shape[1:])))
+    params, buffers = stack_module_state(nets)
+    base = _torch_model(torch, a.model, tuple(d["x"].shape[1:])).to("meta")
+    ls = recipe["label_smoothing"]
+
+    def loss(p, b, x, y):
+        out = functional_call(base, (p, b), (x,))
+        return torch.nn.functional.cross_entropy(out, y, label_smoothing=ls)
+
+    grads_of = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+    opt = torch.optim.SGD(list(params.values()), lr=0.0, momentum=recipe["momentum"], nesterov=recipe["nesterov"],
+                          weight_decay=recipe["weight_decay"], foreach=True)
+    base.train()
+    epochs, step = [], 0
+    for e in range(recipe["epochs"]):
+        t = time.perf_counter()
+        idx = torch.from_numpy(np.stack([_batches(masks, m, e, a.seed, bs, steps) for m in range(k)], 1))  # [S, K, B]
+        for s in range(steps):
+            xb = _translate(torch, d["x"][idx[s]], recipe["crop_pad"], gen)  # [K, B, C, H, W]
+            g = grads_of(params, buffers, xb, d["y"][idx[s]])
+            for name, p in params.items():
+                p.grad = g[name]
+            for group in opt.param_groups:
+                group["lr"] = _lr(recipe, step)
+            opt.step()
+            step += 1
+        epochs.append(time.perf_counter() - t)
+    base.eval()
+    with torch.no_grad():
+        out = vmap(lambda p, b: functional_call(base, (p, b), (d["xt"],)))(params, buffers)
+    acc = float((out.argmax(-1) == d["yt"][None]).float().mean())
+    return {"epoch_seconds": epochs, "steady_epoch_seconds": statistics.median(epochs[1:]), "test_accuracy": acc,
+            "threads": torch.get_num_threads()}
+
+
+WORKERS = {"ours": worker_ours, "torch-loop": worker_torch_loop, "torch-vmap": worker_torch_vmap}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the side-by-side run
+
+def _timed(cmd, env=None, timeout=None) -> tuple[float, str | None, dict]:
+    """Wall seconds of a subprocess, its stdout (None when it ran past ``timeout``), and the machine's
+    1-minute load average before and after (this machine may be shared)."""
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t, None, {"load_before": load0, "load_after": os.getloadavg()[0]}
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return wall, r.stdout, {"load_before": load0, "load_after": os.getloadavg()[0]}
+
+
+OMP_WAIT_POLICY = "PASSIVE"  # set by --omp-wait-policy; given to the torch processes
+
+
+def _worker(name: str, model: str, models: int, seed: int, data: str, recipe: dict, timeout=None):
+    env = dict(os.environ)
+    if name.startswith("torch") and OMP_WAIT_POLICY:
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    wall, out, load = _timed([sys.executable, os.path.abspath(__file__), "--worker", name, "--model", model,
+                              "--models", str(models), "--seed", str(seed), "--data", data, "--recipe",
+                              json.dumps(recipe)], env=env, timeout=timeout)
+    if out is None:
+        return wall, {"timed_out": True, **load}
+    return wall, {**json.loads(out.strip().splitlines()[-1]), **load}
+
+
+def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log, timeout=None) -> dict:
+    tmp = tempfile.mkdtemp(prefix="peer-torch-")
+    data = os.path.join(tmp, "data.npz")
+    recipe = write_data(data, model, models, seed)
+    epochs = recipe["epochs"]
+    runs = {k: [] for k in ("ours_cold", "ours_warm", "ours_steady", "torch-loop", "torch-vmap")}
+    acc: dict = {}
+    for r in range(repeats):
+        cache = os.path.join(tmp, f"cache{r}")
+        env = {k: v for k, v in os.environ.items() if k != "JAXUNLEARN_CACHE_DIR"}
+        for phase in ("cold", "warm"):
+            out = os.path.join(tmp, f"run-{r}-{phase}")
+            wall, _, load = _timed([sys.executable, "-m", "jaxunlearn", "train", "--dataset", "digits", "--model",
+                                    model, "--models", str(models), "--seed", str(seed), "--out", out, "--no-progress",
+                                    "--compile-cache", cache], env)
+            summary = json.load(open(os.path.join(out, "summary.json")))
+            runs[f"ours_{phase}"].append({"wall": wall, "compile": summary["compile"], **load})
+            acc["ours"] = summary["mean_test_accuracy"]
+            log(f"  {model}/{models} ours {phase}: {wall:.1f}s (compiled {summary['compile']['compiled']} programs)")
+        wall, res = _worker("ours", model, models, seed, data, recipe)
+        runs["ours_steady"].append({"wall": wall, **res})
+        log(f"  {model}/{models} ours steady: {statistics.median(res['epoch_seconds'][1:]):.3f}s/epoch")
+        for name in ("torch-loop", "torch-vmap"):
+            if f"{name}@{model}:{models}" in skip:
+                continue
+            wall, res = _worker(name, model, models, seed, data, recipe, timeout)
+            runs[name].append({"wall": wall, **res})
+            if res.get("timed_out"):
+                log(f"  {model}/{models} {name}: still running after {wall:.0f}s: stopped")
+                continue
+            acc[name] = res["test_accuracy"]
+            log(f"  {model}/{models} {name}: {wall:.1f}s, {res['steady_epoch_seconds']:.3f}s/epoch, "
+                f"acc {100 * res['test_accuracy']:.2f}%")
+
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    ours_steady = med([statistics.median(x["epoch_seconds"][1:]) for x in runs["ours_steady"]])
+    row = {"model": model, "models": models, "epochs": epochs, "recipe": RECIPE[model], "repeats": repeats,
+           "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
+                    "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
+                    "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"],
+                    "compile_cold": runs["ours_cold"][-1]["compile"], "compile_warm": runs["ours_warm"][-1]["compile"]},
+           "raw": runs}
+    row["ours"]["startup_cold"] = row["ours"]["wall_cold"] - epochs * ours_steady
+    row["ours"]["startup_warm"] = row["ours"]["wall_warm"] - epochs * ours_steady
+    for name in ("torch-loop", "torch-vmap"):
+        done = [x for x in runs[name] if not x.get("timed_out")]
+        if not done:  # left out, or stopped: its wall time is at least the timeout
+            row[name] = {"timed_out_after": min(x["wall"] for x in runs[name])} if runs[name] else None
+            continue
+        wall = med([x["wall"] for x in done])
+        steady = med([x["steady_epoch_seconds"] for x in done])
+        row[name] = {"wall": wall, "steady_epoch_seconds": steady, "startup": wall - epochs * steady,
+                     "test_accuracy": acc[name]}
+    torch_rows = {n: row[n] for n in ("torch-loop", "torch-vmap") if row[n] and "wall" in row[n]}
+    if not torch_rows:
+        row["void"], row["note"] = True, "no torch variant finished"
+        return row
+    best_wall = min(torch_rows, key=lambda n: torch_rows[n]["wall"])
+    best_steady = min(torch_rows, key=lambda n: torch_rows[n]["steady_epoch_seconds"])
+    gap = max(abs(r["test_accuracy"] - acc["ours"]) for r in torch_rows.values())
+    row["accuracy_gap_points"] = 100 * gap
+    row["void"] = gap > 0.005
+    row["best_torch_wall"], row["best_torch_steady"] = best_wall, best_steady
+    row["ratio_wall_cold"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_cold"]
+    row["ratio_wall_warm"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_warm"]
+    row["ratio_steady"] = torch_rows[best_steady]["steady_epoch_seconds"] / ours_steady
+    if row["void"]:
+        log(f"  {model}/{models}: mean test accuracies differ by {100 * gap:.2f} points (> 0.5): "
+            "the comparison is VOID")
+    return row
+
+
+def table(rows) -> str:
+    lines = ["| config | whole process (s): ours cold / ours warm / torch loop / torch vmap | ratio best torch ÷ ours "
+             "(cold / warm) | steady s/epoch: ours / best torch | ratio | start-up (s): ours cold / warm / best torch "
+             "| test acc (%): ours / loop / vmap |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda x, p=1: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        if "ratio_steady" not in r:
+            lines.append(f"| {r['model']}, {r['models']} models | {r.get('note')} | | | | | |")
+            continue
+        o = r["ours"]
+        lp, vm = ({} if x is None else x for x in (r["torch-loop"], r["torch-vmap"]))
+        lp = lp if "wall" in lp else None
+        vm = vm if "wall" in vm else None
+        bt = r[r["best_torch_steady"]]
+        bw = r[r["best_torch_wall"]]
+        void = " **void**" if r["void"] else ""
+        lines.append(
+            f"| {r['model']}, {r['models']} models{void} | {f(o['wall_cold'])} / {f(o['wall_warm'])} / "
+            f"{f(lp and lp['wall'])} / {f(vm and vm['wall'])} | **{r['ratio_wall_cold']:.2f}** / "
+            f"**{r['ratio_wall_warm']:.2f}** ({r['best_torch_wall']}) | {f(o['steady_epoch_seconds'], 3)} / "
+            f"{f(bt['steady_epoch_seconds'], 3)} ({r['best_torch_steady']}) | **{r['ratio_steady']:.2f}** | "
+            f"{f(o['startup_cold'])} / {f(o['startup_warm'])} / {f(bw['startup'])} | "
+            f"{100 * o['test_accuracy']:.2f} / {f(lp and 100 * lp['test_accuracy'], 2)} / "
+            f"{f(vm and 100 * vm['test_accuracy'], 2)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", default=None)
+    p.add_argument("--configs", nargs="+", default=["mlp:64", "mlp:256", "cnn:64", "cnn:256"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", nargs="*", default=[], help="e.g. torch-vmap@cnn:256 (a slow peer left out)")
+    p.add_argument("--timeout", type=float, default=None, help="stop a torch process after this many seconds")
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY for the torch processes (default PASSIVE: with OpenMP's default spinning, "
+                        "torch on a machine shared with other work ran 100-200x slower here; '' keeps the default)")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=sorted(WORKERS), default=None)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--models", type=int, default=64)
+    p.add_argument("--data", default=None)
+    p.add_argument("--recipe", default=None)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(WORKERS[a.worker](a)))
+        return 0
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise ImportError
+    except ImportError:
+        raise SystemExit("PyTorch is not installed: pip install -e .[peers]") from None
+    global OMP_WAIT_POLICY
+    OMP_WAIT_POLICY = a.omp_wait_policy
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    rows = []
+    for spec in a.configs:
+        model, models = spec.split(":")
+        log(f"{model} x {models} models")
+        rows.append(run_config(model, int(models), a.seed, a.repeats, set(a.skip), log, a.timeout))
+        if a.json:  # what is done so far, in case a later configuration is stopped
+            from jaxunlearn.utils import write_json_atomic
+
+            write_json_atomic(a.json, {"rows": rows, "partial": True})
+    import platform
+
+    res = {"machine": {"cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
+                       "torch_omp_wait_policy": OMP_WAIT_POLICY or "default"},
+           "note": "ratio = best torch time / ours (above 1: jaxunlearn faster)", "rows": rows}
+    try:
+        import jax
+        import torch
+
+        res["machine"].update(jax=jax.__version__, torch=torch.__version__)
+    except ImportError:
+        pass
+    print(table(rows))
+    if a.json:
+        from jaxunlearn.utils import write_json_atomic
+
+        write_json_atomic(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
