@@ -110,6 +110,15 @@ def test_bad_input_is_one_clear_error():
         dkvb_examples(head, feats.at[0, 0].set(jnp.nan), 2)
     with pytest.raises(JaxUnlearnError, match="pairs must be >= 1"):
         DKVBConfig(pairs=0).validate()
+    from jaxunlearn.pipeline.dkvb import DKVBExperiment
+
+    base = DKVBExperiment()
+    for item, msg in (("n_a=[0,10]", "n_a must be"), ("heads=3", "even number"), ("pairs=x", "expected an integer"),
+                      ("scrub.bogus=1", "no hyperparameter 'bogus'"), ("nope=1", "not a dkvb setting"),
+                      ("per_codebook=1", "true or false")):
+        with pytest.raises(JaxUnlearnError, match=msg):
+            base.with_overrides([item])
+    assert base.with_overrides(["per_codebook=true", "n_e=[3]"]).per_codebook is True
 
 
 def test_trained_heads_learn_and_unlearn_a_class():

@@ -180,9 +180,12 @@ def init_keys(key, z, batch_idx, pairs: int, decay: float = 0.95, eps: float = 1
         keys, keys_avg, size = state
         idx, kk = inp
         x = z[:, idx]  # [C, B, k]
-        onehot = jax.nn.one_hot(nearest_keys(x, keys), pairs, dtype=jnp.float32)  # [C, B, K]
-        size = decay * size + (1 - decay) * onehot.sum(1)
-        keys_avg = decay * keys_avg + (1 - decay) * jnp.einsum("cbk,cbj->cjk", x, onehot)
+        sel = nearest_keys(x, keys)  # [C, B]
+        # per-key counts and feature sums by scatter-add (the one-hot einsum of the reference, O(C·B·k))
+        counts = jax.vmap(lambda i: jnp.zeros(pairs, jnp.float32).at[i].add(1.0))(sel)
+        sums = jax.vmap(lambda i, xc: jnp.zeros((pairs, k), jnp.float32).at[i].add(xc))(sel, x)
+        size = decay * size + (1 - decay) * counts
+        keys_avg = decay * keys_avg + (1 - decay) * sums
         smoothed = (size + eps) / (size.sum(-1, keepdims=True) + pairs * eps) * size.sum(-1, keepdims=True)
         keys = keys_avg / smoothed[..., None]
         if threshold > 0:

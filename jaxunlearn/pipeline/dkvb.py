@@ -54,7 +54,7 @@ class DKVBExperiment:
     backbone_epochs: int | None = None
     seed: int = 0
     forget_classes: tuple[int, ...] = (3,)
-    heads: int = 8  # seeds per ensemble (full heads and oracle heads), for accuracy means and KLoM
+    heads: int = 8  # seeds per ensemble (full and oracle heads): accuracy means over all; KLoM first half vs oracles of the second half
     num_codebooks: int = _D.num_codebooks
     pairs: int = _D.pairs
     dim_key: int = _D.dim_key
@@ -75,6 +75,9 @@ class DKVBExperiment:
     linear_batch_size: int = 256
     scrub: dict = dataclasses.field(default_factory=dict)  # SCRUB hyperparameters over the library defaults
     scrub_grid: tuple[str, ...] = ()  # "lr=0.0005,0.01": a grid of SCRUB rows (empty: one row)
+    # training points evaluated (accuracy on train points, KLoM's forget / retain groups): 0 = all; else
+    # every forget-class point plus a seeded random sample of the others, this many in all (speed)
+    eval_train_points: int = 0
 
     @classmethod
     def from_json(cls, path: str) -> "DKVBExperiment":
@@ -101,12 +104,14 @@ class DKVBExperiment:
             raise JaxUnlearnError("no forget class given")
         if len(set(self.forget_classes)) != len(self.forget_classes):
             raise JaxUnlearnError(f"forget classes repeat: {list(self.forget_classes)}")
-        if self.heads < 2:
-            raise JaxUnlearnError(f"heads must be >= 2 (KLoM compares ensembles), got {self.heads}")
+        if self.heads < 2 or self.heads % 2:
+            raise JaxUnlearnError(f"heads must be an even number >= 2 (KLoM compares halves), got {self.heads}")
         for name in ("n_a", "n_e"):
             vals = getattr(self, name)
             if not vals or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in vals):
                 raise JaxUnlearnError(f"{name} must be a non-empty list of integers >= 1, got {list(vals)}")
+        if self.eval_train_points < 0:
+            raise JaxUnlearnError(f"eval_train_points must be >= 0, got {self.eval_train_points}")
         if not (self.linear_lr > 0 and self.linear_epochs >= 1 and self.linear_batch_size >= 1):
             raise JaxUnlearnError("linear_lr must be > 0, linear_epochs and linear_batch_size >= 1")
         self.head_config()
@@ -278,7 +283,8 @@ def _fingerprint(d: dict) -> str:
 def _check_out(out: str, cfg: DKVBExperiment, data_fp: str) -> None:
     """``out`` holds this experiment (same training settings) or nothing: the caches are reused only then."""
     keep = {k: v for k, v in cfg.to_dict().items()
-            if k not in ("forget_classes", "n_a", "n_e", "per_codebook", "scrub", "scrub_grid", "data_dir")}
+            if k not in ("forget_classes", "n_a", "n_e", "per_codebook", "scrub", "scrub_grid", "data_dir",
+                         "eval_train_points")}
     meta = {"format": FORMAT, "training": keep, "data_fingerprint": data_fp}
     path = os.path.join(out, "dkvb_config.json")
     os.makedirs(out, exist_ok=True)
@@ -340,11 +346,10 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
 
     ones = jnp.ones((S, n), jnp.float32)
     log(f"training {S} DKVB heads ({hc.num_codebooks} codebooks x {hc.pairs} pairs) and {S} linear heads")
-    full = heads_for(ones, "heads")
-    lin_full = linears_for(ones, "linear")
-    full_logits = np.asarray(_dkvb_all_logits(full, feats))
-    lin_logits_fn = jax.jit(jax.vmap(lambda p: linear_apply(p, None, feats)[0]))
-    lin_full_logits = np.asarray(lin_logits_fn(lin_full))
+    half = lambda t: jax.tree.map(lambda x: x[: S // 2], t)  # noqa: E731 - the heads that are unlearned
+    full = half(heads_for(ones, "heads"))
+    lin_full = half(linears_for(ones, "linear"))
+    lin_logits_fn = jax.jit(jax.vmap(lambda p, x: linear_apply(p, None, x)[0], (0, None)))
     hf = head_flops(jax.tree.map(lambda x: x[0], full))
     lin_flops = 2.0 * feats.shape[1] * V + V
     bb = backbone.get("forward_flops_per_example")
@@ -356,26 +361,32 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
         w = jnp.asarray(np.asarray(dataset.train_labels) != c, jnp.float32)
         oracle = heads_for(jnp.broadcast_to(w, (S, n)), f"heads_oracle_c{c}")
         lin_oracle = linears_for(jnp.broadcast_to(w, (S, n)), f"linear_oracle_c{c}")
-        o_logits = np.asarray(_dkvb_all_logits(oracle, feats))
-        lo_logits = np.asarray(lin_logits_fn(lin_oracle))
         f_idx = np.flatnonzero(np.asarray(dataset.train_labels) == c)
+        others = np.flatnonzero(np.asarray(dataset.train_labels) != c)
+        if cfg.eval_train_points and cfg.eval_train_points < n:
+            k_o = max(0, cfg.eval_train_points - f_idx.size)
+            others = np.random.default_rng(cfg.seed + 7 + c).choice(others, min(k_o, others.size), replace=False)
+        tr_eval = np.sort(np.concatenate([f_idx, others]))
+        ev_idx = np.concatenate([tr_eval, n + np.arange(dataset.n_test)])
+        ef, le, ne = feats[jnp.asarray(ev_idx)], labels_all[ev_idx], int(tr_eval.size)
+        o_logits = np.asarray(_dkvb_all_logits(oracle, ef))
+        lo_logits = np.asarray(lin_logits_fn(lin_oracle, ef))
         order = np.random.default_rng(cfg.seed + 1000 * c).permutation(f_idx)  # N_e draws: a random order
         f_feats = ftr[jnp.asarray(order)]
         n_f = int(f_idx.size)
-        ev = lambda lg: evaluate(lg, labels_all, n, c)  # noqa: E731
+        ev = lambda lg: evaluate(lg, le, ne, c)  # noqa: E731
         rows = []
 
         def add(method, param, logits, oracle_logits, cost, extra=None):
-            if logits is oracle_logits:  # an oracle row: the noise floor, one half of the oracles vs the other
-                kl = klom_rows(oracle_logits[: S // 2], oracle_logits[S // 2:], labels_all, n, c)
-            else:
-                kl = klom_rows(oracle_logits, logits, labels_all, n, c)
+            # KLoM as the pipeline: heads of the first half (seeds 0..S/2-1) against the oracles of the
+            # second half; for an oracle row that is the noise floor (oracle halves against each other)
+            kl = klom_rows(oracle_logits[S // 2:], logits[: S // 2], le, ne, c)
             r = {"method": method, **({} if param is None else param), **ev(logits), "klom": kl, **cost,
                  **(extra or {})}
             rows.append(r)
 
         base_cost = {"backbone_forward_passes": 0, "head_forward_passes": 0, "gradient_evaluations": 0, "flops": 0.0}
-        add("dkvb (before)", None, full_logits, o_logits, base_cost)
+        add("dkvb (before)", None, np.asarray(_dkvb_all_logits(full, ef)), o_logits, base_cost)
         add("dkvb oracle (retrained head)", None, o_logits, o_logits,
             {"backbone_forward_passes": n, "head_forward_passes": int((n - n_f) * (hc.init_epochs + 1)),
              "gradient_evaluations": int(hc.epochs * (n - n_f)), "flops": None})
@@ -386,22 +397,22 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
                 hg = jax.tree.map(lambda x: x[g], swept)
                 passes = n_f if algo == "activations" else min(nv, n_f)
                 masked = float(np.asarray(hg.key_mask).mean())
-                add(f"dkvb {algo}", {"N": int(nv)}, np.asarray(_dkvb_all_logits(hg, feats)), o_logits,
+                add(f"dkvb {algo}", {"N": int(nv)}, np.asarray(_dkvb_all_logits(hg, ef)), o_logits,
                     {"backbone_forward_passes": passes, "head_forward_passes": passes, "gradient_evaluations": 0,
                      "flops": passes * ((bb or 0.0) + hf)}, {"masked_fraction": masked})
-        add("linear (before)", None, lin_full_logits, lo_logits, base_cost)
+        add("linear (before)", None, np.asarray(lin_logits_fn(lin_full, ef)), lo_logits, base_cost)
         add("linear oracle (retrained head)", None, lo_logits, lo_logits,
             {"backbone_forward_passes": n, "head_forward_passes": 0,
              "gradient_evaluations": int(cfg.linear_epochs * (n - n_f)),
              "flops": n * (bb or 0.0) + 3 * lin_flops * cfg.linear_epochs * (n - n_f)})
         retain_idx = np.flatnonzero(np.asarray(dataset.train_labels) != c)
         res = unlearn_grid(scrub, lin_full, {}, data, f_idx, retain_idx,
-                           None, jax.vmap(lambda k: jax.random.fold_in(k, 11 + c))(keys), scrub_cfgs)
+                           None, jax.vmap(lambda k: jax.random.fold_in(k, 11 + c))(keys[: S // 2]), scrub_cfgs)
         for sc, (p, _, cost) in zip(scrub_cfgs, res):
             ge = float(np.mean(np.asarray(cost)))
             add("scrub (linear head)", {"config": {k: (float(v) if isinstance(v, float) else v)
                                                    for k, v in config_dict(sc).items()}},
-                np.asarray(lin_logits_fn(p)), lo_logits,
+                np.asarray(lin_logits_fn(p, ef)), lo_logits,
                 {"backbone_forward_passes": n, "head_forward_passes": 0, "gradient_evaluations": ge,
                  "flops": n * (bb or 0.0) + 3 * lin_flops * ge})
         before = rows[0]
@@ -414,7 +425,8 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
             if r["method"].startswith("scrub"):
                 r["meets_claim"] = bool(r["forget_test_acc"] <= 0.05
                                         and lin_before["retain_test_acc"] - r["retain_test_acc"] <= 0.02)
-        per_class.append({"forget_class": int(c), "forget_train_points": n_f, "rows": rows})
+        per_class.append({"forget_class": int(c), "forget_train_points": n_f, "eval_train_points": ne,
+                          "rows": rows})
     results = {"config": cfg.to_dict(), "dataset": {"name": cfg.dataset, "n_train": n, "n_test": dataset.n_test,
                                                     "num_classes": V},
                "backbone": backbone, "head_flops_per_example": hf, "linear_flops_per_example": lin_flops,
@@ -502,12 +514,15 @@ def plot(results: dict, path: str) -> None:
 
 def results_table(results: dict) -> str:
     """A Markdown table of every row (test accuracies in %, KLoM mean of p95s, compute)."""
-    lines = ["| class | method | N | forget acc | retain acc | KLoM (mean) | grad evals | FLOPs | meets claim |",
+    lines = ["| class | method | N / setting | forget acc | retain acc | KLoM (mean) | grad evals | FLOPs | meets claim |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pc in results["classes"]:
         for r in pc["rows"]:
             fl = r.get("flops")
-            lines.append(f"| {pc['forget_class']} | {r['method']} | {r.get('N', '')} | {100 * r['forget_test_acc']:.1f} "
+            n = r.get("N", "")
+            if "config" in r:
+                n = ", ".join(f"{k} {r['config'][k]:g}" for k in ("lr", "epochs", "max_steps"))
+            lines.append(f"| {pc['forget_class']} | {r['method']} | {n} | {100 * r['forget_test_acc']:.1f} "
                          f"| {100 * r['retain_test_acc']:.1f} | {r['klom']['mean']:.3f} | "
                          f"{r['gradient_evaluations']:.0f} | {'' if fl is None else f'{fl:.3g}'} | "
                          f"{'' if 'meets_claim' not in r else ('yes' if r['meets_claim'] else 'no')} |")
