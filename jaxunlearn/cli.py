@@ -198,7 +198,7 @@ def cmd_dkvb(args) -> int:
     """DKVB heads, zero-gradient class unlearning (activations / examples) vs SCRUB on a linear head."""
     import dataclasses
 
-    from jaxunlearn.pipeline.dkvb import DKVBExperiment, default_config, results_table, run_dkvb
+    from jaxunlearn.pipeline.dkvb import DKVBExperiment, default_config, results_table, run_dkvb, summary_lines
 
     cfg = DKVBExperiment.from_json(args.config) if args.config else default_config(args.dataset or "digits")
     over = {"dataset": args.dataset, "data_dir": args.data_dir}
@@ -206,10 +206,12 @@ def cmd_dkvb(args) -> int:
         try:
             over["forget_classes"] = tuple(int(c) for c in args.forget_class.split(","))
         except ValueError:
-            raise JaxUnlearnError(f"--forget-class {args.forget_class!r}: expected an integer or a comma list") from None
+            raise JaxUnlearnError(f"--forget-class {args.forget_class!r}: expected an integer or a comma list"
+                                  ) from None
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None}).with_overrides(args.set)
     res = run_dkvb(cfg, args.out, progress=not args.no_progress)
     print(results_table(res))
+    print("\n".join(summary_lines(res)))
     print(f"-> {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'dkvb.png')}")
     return 0
 

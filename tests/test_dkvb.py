@@ -160,7 +160,8 @@ def test_cli_smoke_on_digits_and_bad_class(tmp_path):
         if row["method"] in ("dkvb activations", "dkvb examples"):
             assert row["gradient_evaluations"] == 0 and row["head_forward_passes"] > 0
     assert os.path.isfile(os.path.join(out, "dkvb.png"))
-    cached = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in ("heads.npz", "heads_oracle_c3.npz", "features.npz")}
+    cached = {f: os.stat(os.path.join(out, f)).st_mtime_ns
+              for f in ("heads.npz", "heads_oracle_c3.npz", "features.npz")}
     again = _cli("dkvb", "--dataset", "digits", "--forget-class", "3", "--out", out, *small, "--no-progress", cwd=root)
     assert again.returncode == 0, again.stderr
     assert cached == {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in cached}  # resumed: nothing re-trained
