@@ -160,9 +160,23 @@ def test_cli_smoke_on_digits_and_bad_class(tmp_path):
         if row["method"] in ("dkvb activations", "dkvb examples"):
             assert row["gradient_evaluations"] == 0 and row["head_forward_passes"] > 0
     assert os.path.isfile(os.path.join(out, "dkvb.png"))
+
+
+def test_user_features_run_and_resume(tmp_path):
+    """run_dkvb with a user-supplied feature function (no backbone); a second run reuses every cache."""
+    from jaxunlearn.pipeline.dkvb import DKVBExperiment, run_dkvb
+
+    cfg = DKVBExperiment(dataset="digits", forget_classes=(3,), heads=2, num_codebooks=8, pairs=32, epochs=3,
+                         init_epochs=1, n_a=(20, 200), n_e=(5,), linear_epochs=2, eval_train_points=300)
+    feats = lambda images: np.asarray(images, np.float32).reshape(images.shape[0], -1) / 16.0  # noqa: E731
+    out = str(tmp_path / "user")
+    res = run_dkvb(cfg, out, features=feats, progress=False, log=lambda _: None)
+    assert res["backbone"]["model"] == "user-supplied" and res["backbone"]["feature_dim"] == 64
+    assert res["classes"][0]["eval_train_points"] == 300
     cached = {f: os.stat(os.path.join(out, f)).st_mtime_ns
-              for f in ("heads.npz", "heads_oracle_c3.npz", "features.npz")}
-    again = _cli("dkvb", "--dataset", "digits", "--forget-class", "3", "--out", out, *small, "--no-progress", cwd=root)
-    assert again.returncode == 0, again.stderr
-    assert cached == {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in cached}  # resumed: nothing re-trained
-    assert json.load(open(os.path.join(out, "results.json")))["classes"][0]["rows"] == rows
+              for f in ("heads.npz", "heads_oracle_c3.npz", "linear.npz", "features.npz")}
+    again = run_dkvb(cfg, out, features=feats, progress=False, log=lambda _: None)
+    assert cached == {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in cached}  # nothing re-trained
+    assert again["classes"] == res["classes"]
+    with pytest.raises(JaxUnlearnError, match="other training settings"):
+        run_dkvb(DKVBExperiment(**{**cfg.to_dict(), "pairs": 16}), out, features=feats, progress=False)
