@@ -180,3 +180,15 @@ def test_user_features_run_and_resume(tmp_path):
     assert again["classes"] == res["classes"]
     with pytest.raises(JaxUnlearnError, match="other training settings"):
         run_dkvb(DKVBExperiment(**{**cfg.to_dict(), "pairs": 16}), out, features=feats, progress=False)
+
+
+def test_experiment_configs_parse():
+    from jaxunlearn.pipeline.dkvb import DKVBExperiment, default_config
+
+    exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    c10 = DKVBExperiment.from_json(os.path.join(exp, "dkvb_cifar10_mini.json"))
+    assert c10.data_dir.endswith(os.path.join("shared", "data", "cifar10-mini")) and c10.recipe.endswith(".json")
+    assert len(c10.scrub_configs()) == 6
+    assert default_config("digits") == DKVBExperiment.from_json(os.path.join(exp, "dkvb_digits.json"))
+    paper = default_config("cifar10")  # without a config: the papers' head sizes
+    assert (paper.num_codebooks, paper.pairs, paper.dim_key, paper.lr, paper.batch_size) == (256, 4096, 14, 0.3, 256)
