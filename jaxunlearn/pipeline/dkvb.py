@@ -16,7 +16,6 @@ Steps (each written atomically into ``out`` and reused when the command is run a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -211,11 +210,6 @@ def _save_tree(path: str, tree: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_heads(path: str) -> DKVBHead:
-    with np.load(path) as z:
-        return DKVBHead(*(jnp.asarray(z[k]) for k in ("projection", "keys", "values", "key_mask")))
-
-
 def _cached(path: str, build: Callable, log) -> dict:
     if os.path.isfile(path):
         try:
@@ -279,10 +273,6 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
 
 
 # --------------------------------------------------------------------------------------------- the experiment
-
-def _fingerprint(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def _check_out(out: str, cfg: DKVBExperiment, data_fp: str) -> None:
     """``out`` holds this experiment (same training settings) or nothing: the caches are reused only then."""
