@@ -226,6 +226,28 @@ def cmd_unrolling(args) -> int:
     return 0
 
 
+def cmd_dkvb(args) -> int:
+    """DKVB heads, zero-gradient class unlearning (activations / examples) vs SCRUB on a linear head."""
+    import dataclasses
+
+    from jaxunlearn.pipeline.dkvb import DKVBExperiment, default_config, results_table, run_dkvb, summary_lines
+
+    cfg = DKVBExperiment.from_json(args.config) if args.config else default_config(args.dataset or "digits")
+    over = {"dataset": args.dataset, "data_dir": args.data_dir}
+    if args.forget_class is not None:
+        try:
+            over["forget_classes"] = tuple(int(c) for c in args.forget_class.split(","))
+        except ValueError:
+            raise JaxUnlearnError(f"--forget-class {args.forget_class!r}: expected an integer or a comma list"
+                                  ) from None
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None}).with_overrides(args.set)
+    res = run_dkvb(cfg, args.out, progress=not args.no_progress)
+    print(results_table(res))
+    print("\n".join(summary_lines(res)))
+    print(f"-> {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'dkvb.png')}")
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="jaxunlearn", description="Fast JAX machine unlearning: ensembles, datamodels, KLoM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -269,6 +291,18 @@ def build_parser():
                    help="inclusive (default) or reference (data-unlearning-bench's np.digitize binning)")
     e.add_argument("--klom-direction", default="oracle||unlearned", help="oracle||unlearned (default) or unlearned||oracle")
     e.set_defaults(func=cmd_evaluate)
+    k = sub.add_parser("dkvb", help="discrete key-value bottleneck heads: zero-gradient class unlearning "
+                       "(activations / examples) against SCRUB on a linear head, KLoM vs retrained heads (resumes)")
+    k.add_argument("--dataset", default=None, help="digits, cifar10 or cifar100 (default: the config's, else digits)")
+    k.add_argument("--data-dir", default=None)
+    k.add_argument("--forget-class", default=None, help="class to forget, or a comma list (default: the config's)")
+    k.add_argument("--config", default=None, help="a dkvb .json (see experiments/dkvb_*.json); default: "
+                   "experiments/dkvb_digits.json for digits, the papers' head sizes otherwise")
+    k.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override any setting: heads=4 pairs=512 n_a=[100,1000] scrub.lr=0.01")
+    k.add_argument("--out", required=True)
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=cmd_dkvb)
     r = sub.add_parser("report", help="merge a folder's results.json and sweep-*.json: frontier.json + frontier.png "
                        "(every point, the Pareto frontier, each method's best)")
     r.add_argument("--out", required=True, help="a pipeline folder")
@@ -283,7 +317,7 @@ def build_parser():
     o.add_argument("--out", required=True)
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=cmd_unrolling)
-    for sp in (t, d, u, w, e, r, o):
+    for sp in (t, d, u, w, e, k, r, o):
         add_cache_args(sp)
     return p
 

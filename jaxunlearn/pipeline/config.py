@@ -33,6 +33,69 @@ def _setting_value(key: str, value, current):
     return value
 
 
+def read_json_config(cls, path: str, what: str, tuple_fields=(), path_fields=()):
+    """A frozen dataclass ``cls`` from JSON file ``path``: keys starting with "_" are comments,
+    unknown keys are one clear error, ``tuple_fields`` become tuples and relative ``path_fields``
+    (strings) are relative to the file. Shared by every subcommand's config."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise JaxUnlearnError(f"cannot read {what} config {path!r}: {e}") from None
+    if not isinstance(d, dict):
+        raise JaxUnlearnError(f"{what} config {path}: expected a JSON object")
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise JaxUnlearnError(f"{what} config {path}: unknown keys {sorted(unknown)}")
+    for k in tuple_fields:
+        if isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    base = os.path.dirname(os.path.abspath(path))
+    for k in path_fields:
+        v = d.get(k)
+        if isinstance(v, str) and (k != "recipe" or v.endswith(".json")) and not os.path.isabs(v):
+            d[k] = os.path.normpath(os.path.join(base, v))
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise JaxUnlearnError(f"{what} config {path}: {e}") from None
+
+
+def set_fields(cfg, items, what: str, dict_fields=()):
+    """``cfg`` (a frozen dataclass) with ``--set KEY=VALUE`` items applied: a field, or ``F.K`` for key
+    K of a dict field F in ``dict_fields``. Values parse as JSON where they can, else as strings;
+    each is checked against the kind of its setting (one clear error)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] in dict_fields:
+            d = dict(changes.get(parts[0], getattr(cfg, parts[0])))
+            d[parts[1]] = value
+            changes[parts[0]] = d
+        elif len(parts) == 1 and key in fields and key not in dict_fields:
+            current = getattr(cfg, key)
+            if isinstance(current, bool):
+                if not isinstance(value, bool):
+                    raise JaxUnlearnError(f"--set {key}: expected true or false, got {value!r}")
+                changes[key] = value
+            else:
+                changes[key] = value if current is None else _setting_value(key, value, current)
+        else:
+            raise JaxUnlearnError(f"--set {key!r}: not a {what} setting; choose from {', '.join(fields)}"
+                                  + "".join(f", {d}.NAME" for d in dict_fields))
+    return dataclasses.replace(cfg, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     dataset: str = "digits"
