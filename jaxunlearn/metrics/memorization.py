@@ -13,8 +13,10 @@ ACCURACY_GROUPS = ("forget", "retain", "test")
 def memorization(masks, outputs, labels=None):
     """mem(i) = P[model correct on i | i in its subset] − P[correct | i not in it], f32[n].
 
-    masks: bool[M, n] (model m trained on point i); outputs: bool[M, n] (correct), f32[M, n]
-    margins (correct where > 0), or f32[M, n, C] logits with ``labels`` i32[n]. Straight from an
+    masks: bool[M, n] (model m trained on point i); outputs: bool[M, n] (correct), f32[M, n, C]
+    logits with ``labels`` i32[n] (correct = argmax), or f32[M, n] margins, correct where > 0 (with
+    jaxunlearn's margins, correct logit − logsumexp of the others, that is p(correct) > 1/2, a
+    stricter test than the argmax: pass logits for Feldman-Zhang's accuracy). Straight from an
     α-subset ensemble (no extra training). A point that every model (or no model) saw has no
     estimate: one clear error.
     """

@@ -174,16 +174,21 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     return {s: jnp.asarray(np.load(paths[s])) for s in forget}, info
 
 
-def cached_memorization(dm_dir: str, n_train: int, cache_dir: str) -> np.ndarray:
+def cached_memorization(dm_dir: str, train_labels, cache_dir: str) -> np.ndarray:
     """Feldman-Zhang memorization of every training point from the α-subset ensemble, f32[n_train]
-    (correct = margin > 0), stored under ``cache_dir`` keyed by the datamodel run's config."""
+    (correct = the argmax of a model's logits is the label), stored under ``cache_dir`` keyed by the
+    datamodel run's config. The logits are read memory-mapped, a block of models at a time."""
     with open(os.path.join(dm_dir, "config.json")) as f:
-        path = _cache_path(cache_dir, {"run": json.load(f), "memorization": 1}) + ".npy"
+        path = _cache_path(cache_dir, {"run": json.load(f), "memorization": 2}) + ".npy"
     if not os.path.isfile(path):
+        labels = np.asarray(train_labels)
+        n = labels.shape[0]
         masks = np.load(os.path.join(dm_dir, "masks.npy"))
-        margins = np.load(os.path.join(dm_dir, "margins.npy"), mmap_mode="r")[:, :n_train]
+        logits = np.load(os.path.join(dm_dir, "logits.npy"), mmap_mode="r")
+        correct = np.concatenate([np.asarray(logits[i:i + 256, :n]).argmax(-1) == labels
+                                  for i in range(0, logits.shape[0], 256)])
         os.makedirs(cache_dir, exist_ok=True)
-        save_npy_atomic(path, np.asarray(memorization(masks, np.asarray(margins)), np.float32))
+        save_npy_atomic(path, np.asarray(memorization(masks, correct), np.float32))
     return np.load(path)
 
 
@@ -290,7 +295,7 @@ def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress
         return False
     if needs:
         full = load_run(full_dir)
-        mem = cached_memorization(dm_dir, data.dataset.n_train, os.path.join(out, "datamodel-fits"))
+        mem = cached_memorization(dm_dir, data.dataset.train_labels, os.path.join(out, "datamodel-fits"))
         forget = make_forget_sets(cfg, data.dataset, trainer_for_run(full, data.dataset), load_models(full_dir), mem)
     else:
         forget = {s: make_forget_set(s, data.dataset.train_labels, seed=cfg.seed) for s in cfg.forget_sets}
@@ -312,7 +317,7 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
     full = load_run(full_dir)
     trainer = trainer_for_run(full, data.dataset)
     full_vars = load_models(full_dir)
-    mem = cached_memorization(dm_dir, data.dataset.n_train, os.path.join(out, "datamodel-fits"))
+    mem = cached_memorization(dm_dir, data.dataset.train_labels, os.path.join(out, "datamodel-fits"))
     forget = make_forget_sets(cfg, data.dataset, trainer, full_vars, mem)
     effects, attribution = fit_attribution(cfg, dm_dir, forget, out)
     log(f"datamodels: LDS influence {attribution['influence']:.3f} (threshold "
@@ -371,8 +376,9 @@ def group_accuracy(correct, g: dict, n_train: int) -> dict:
 
 
 def oracle_accuracy(exp: Experiment, spec: str) -> dict:
-    """Accuracies of the held-out oracle half (the models KLoM compares with): ToW's reference."""
-    return group_accuracy(exp.oracles[spec]["margins"][exp.k2:] > 0, exp.groups[spec], exp.dataset.n_train)
+    """Accuracies (argmax) of the held-out oracle half (the models KLoM compares with): ToW's reference."""
+    correct = exp.oracles[spec]["logits"][exp.k2:].argmax(-1) == np.asarray(exp.dataset.all_labels)
+    return group_accuracy(correct, exp.groups[spec], exp.dataset.n_train)
 
 
 def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, config=None) -> dict:
