@@ -130,24 +130,9 @@ class PipelineConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "PipelineConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise JaxUnlearnError(f"cannot read pipeline config {path!r}: {e}") from None
-        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_note" and the like: comments
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise JaxUnlearnError(f"pipeline config {path}: unknown keys {sorted(unknown)}")
-        for k in ("forget_sets", "methods", "influence_thresholds"):
-            if k in d:
-                d[k] = tuple(d[k])
-        base = os.path.dirname(os.path.abspath(path))  # relative paths are relative to the config file
-        if d.get("data_dir") and not os.path.isabs(d["data_dir"]):
-            d["data_dir"] = os.path.normpath(os.path.join(base, d["data_dir"]))
-        if isinstance(d.get("recipe"), str) and d["recipe"].endswith(".json") and not os.path.isabs(d["recipe"]):
-            d["recipe"] = os.path.normpath(os.path.join(base, d["recipe"]))
-        return cls(**d).validate()
+        # "_note" and the like are comments; relative paths are relative to the config file
+        return read_json_config(cls, path, "pipeline", tuple_fields=("forget_sets", "methods", "influence_thresholds"),
+                                path_fields=("data_dir", "recipe")).validate()
 
     def validate(self) -> "PipelineConfig":
         for m in self.methods:
