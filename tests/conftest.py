@@ -32,8 +32,8 @@ def cifar_mini_dir():
 
 # the slowest modules first (by their measured durations): under `-n 2 --dist loadfile` one worker
 # takes the demo while the other works through the rest, and the short modules fill in at the end
-SLOWEST_FIRST = ["test_pipeline", "test_training", "test_run", "test_baselines", "test_models", "test_unlearning",
-                 "test_attribution"]
+SLOWEST_FIRST = ["test_pipeline", "test_scale_out", "test_training", "test_run", "test_localization", "test_baselines",
+                 "test_dkvb", "test_unrolling", "test_compile_cache", "test_models", "test_unlearning", "test_attribution"]
 
 
 def pytest_collection_modifyitems(items):

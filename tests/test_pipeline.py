@@ -80,9 +80,10 @@ def test_sweep_reuses_the_demo_ensembles_and_writes_every_grid_point(demo):
                  "--forget", "random:100", "--no-progress"]) == 0
     with open(os.path.join(out, "sweep-gd.json")) as f:
         sw = json.load(f)
-    # the demo's datamodel fits are reused: LDS, and the forget set's effects (1 LDS file + 2 effect files)
+    # the demo's datamodel fits are reused: LDS, the forget set's effects and the memorization
+    # (1 LDS file + 2 effect files + 1 memorization file)
     assert sw["lds_detail"]["cached"] and sw["lds_detail"]["forget_effects_cached"] == ["random:100"]
-    assert len(os.listdir(os.path.join(out, "datamodel-fits"))) == 3
+    assert len(os.listdir(os.path.join(out, "datamodel-fits"))) == 4
     gd = [r for r in sw["results"] if r["method"] == "gd"]
     assert [(r["config"]["lr"], r["config"]["epochs"]) for r in gd] == [(0.005, 1), (0.005, 2), (0.05, 1), (0.05, 2)]
     assert {r["method"] for r in sw["results"]} == {"gd", "none", "oracle-matching", "dmm"}

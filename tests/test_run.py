@@ -198,6 +198,7 @@ def test_damaged_chunks_are_refused_then_retrained_bit_identically(reference_run
     assert main([*TRAIN, "--out", out]) == 0  # what the error message says to do
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
+        "recipe: digits-cnn epochs=3",  # train names the recipe it uses, then reports the damage
         f"chunk 00001 of {out} is damaged ({rel}: checksum mismatch); re-training it",
         f"chunk 00002 of {out} is damaged (outputs.npz: checksum mismatch); re-training it"]
     assert "(4 now)" in captured.out  # exactly the two damaged chunks of 2 models were re-trained
@@ -242,7 +243,7 @@ def test_damaged_assembled_files_are_refused_then_rebuilt_without_training(refer
     capsys.readouterr()
     assert main([*TRAIN, "--out", out]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "" and "(0 now)" in captured.out
+    assert captured.err == "recipe: digits-cnn epochs=3\n" and "(0 now)" in captured.out  # nothing but the recipe
     for name in ("margins.npy", "logits.npy", "masks.npy"):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(reference_run, name), "rb").read()
     load_run(out)
