@@ -82,7 +82,7 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     specs, locs, methods = list(res["cells"]), res["localizations"], res["methods"]
-    fig, axes = plt.subplots(2, len(specs), figsize=(6.5 * len(specs), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(specs), figsize=(6.5 * len(specs) + 2.5, 7.5), squeeze=False)
     width = 0.8 / len(locs)
     cmap = plt.get_cmap("tab10")
     for j, spec in enumerate(specs):
@@ -104,8 +104,8 @@ def plot(res: dict, path: str) -> None:
             if key == "tow":
                 lo = np.nanmin([c["tow"] for c in res["cells"][spec].values() if c] + [1.0])
                 ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    axes[0][-1].legend(fontsize=8, title="localization", loc="lower right")
-    axes[1][-1].legend(fontsize=8, loc="upper right")
+    axes[0][-1].legend(fontsize=8, title="localization", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[1][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(res["title"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
