@@ -33,10 +33,33 @@ def _setting_value(key: str, value, current):
     return value
 
 
+def set_item(item: str, example: str = "") -> tuple[str, object]:
+    """One ``--set KEY=VALUE`` item -> (key, value): the value read as JSON where it parses (numbers,
+    lists, null, booleans), else kept as the string. No "=" or no key: one clear error."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE" + (f", e.g. {example}" if example else ""))
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def read_json_config(cls, path: str, what: str, tuple_fields=(), path_fields=()):
-    """A frozen dataclass ``cls`` from JSON file ``path``: keys starting with "_" are comments,
+    """A frozen dataclass ``cls`` from JSON file ``path`` (see :func:`read_json_fields`). Shared by
+    every subcommand's config."""
+    d = read_json_fields(cls, path, what, tuple_fields, path_fields)
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise JaxUnlearnError(f"{what} config {path}: {e}") from None
+
+
+def read_json_fields(cls, path: str, what: str, tuple_fields=(), path_fields=()) -> dict:
+    """The fields of dataclass ``cls`` in JSON file ``path``: keys starting with "_" are comments,
     unknown keys are one clear error, ``tuple_fields`` become tuples and relative ``path_fields``
-    (strings) are relative to the file. Shared by every subcommand's config."""
+    (strings; ``recipe`` only when it names a .json file) are relative to the file."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -56,10 +79,7 @@ def read_json_config(cls, path: str, what: str, tuple_fields=(), path_fields=())
         v = d.get(k)
         if isinstance(v, str) and (k != "recipe" or v.endswith(".json")) and not os.path.isabs(v):
             d[k] = os.path.normpath(os.path.join(base, v))
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise JaxUnlearnError(f"{what} config {path}: {e}") from None
+    return d
 
 
 def set_fields(cfg, items, what: str, dict_fields=()):
@@ -69,14 +89,7 @@ def set_fields(cfg, items, what: str, dict_fields=()):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes: dict = {}
     for item in items or ():
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        key, value = set_item(item)
         parts = key.split(".")
         if len(parts) == 2 and parts[0] in dict_fields:
             d = dict(changes.get(parts[0], getattr(cfg, parts[0])))
@@ -169,14 +182,7 @@ class PipelineConfig:
         changes: dict = {}
         overrides = {m: dict(h) for m, h in self.method_overrides.items()}
         for item in items or ():
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE, e.g. forget_effects=lasso or methods.dmm.lr=0.01")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
+            key, value = set_item(item, "forget_effects=lasso or methods.dmm.lr=0.01")
             parts = key.split(".")
             if len(parts) == 3 and parts[0] in ("methods", "method_overrides"):
                 overrides.setdefault(parts[1], {})[parts[2]] = value

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.unrolling import top_hessian_eigenvalue, unlearning_error, verification_error
-from jaxunlearn.pipeline.config import _setting_value
+from jaxunlearn.pipeline.config import _setting_value, read_json_fields, set_item
 from jaxunlearn.progress import Progress
 from jaxunlearn.training.ensemble import EnsembleFns, model_keys
 from jaxunlearn.training.recipe import load_recipe, recipe_from_fields
@@ -73,22 +73,7 @@ class UnrollingConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "UnrollingConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise JaxUnlearnError(f"cannot read unrolling config {path!r}: {e}") from None
-        if not isinstance(d, dict):
-            raise JaxUnlearnError(f"unrolling config {path}: expected a JSON object")
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise JaxUnlearnError(f"unrolling config {path}: unknown keys {sorted(unknown)}")
-        base = os.path.dirname(os.path.abspath(path))
-        if d.get("data_dir") and not os.path.isabs(d["data_dir"]):
-            d["data_dir"] = os.path.normpath(os.path.join(base, d["data_dir"]))
-        if isinstance(d.get("recipe"), str) and d["recipe"].endswith(".json") and not os.path.isabs(d["recipe"]):
-            d["recipe"] = os.path.normpath(os.path.join(base, d["recipe"]))
+        d = read_json_fields(cls, path, "unrolling", path_fields=("data_dir", "recipe"))
         cfg = cls()
         return cfg.with_overrides([], {k: _setting_value(k, v, getattr(cfg, k)) for k, v in d.items()})
 
@@ -98,14 +83,7 @@ class UnrollingConfig:
         changes = dict(changes or {})
         overrides = {m: dict(h) for m, h in changes.pop("method_overrides", self.method_overrides).items()}
         for item in items or ():
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise JaxUnlearnError(f"--set {item!r}: write KEY=VALUE, e.g. std_losses=[0,5] or methods.ga.lr=0.01")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
+            key, value = set_item(item, "std_losses=[0,5] or methods.ga.lr=0.01")
             parts = key.split(".")
             if len(parts) == 3 and parts[0] in ("methods", "method_overrides"):
                 overrides.setdefault(parts[1], {})[parts[2]] = value
