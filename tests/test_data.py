@@ -20,6 +20,29 @@ def test_digits_split_is_fixed_and_stratified(digits):
     np.testing.assert_array_equal(again.test_images, digits.test_images)
 
 
+def test_digits_equal_scikit_learns_own_loader_and_split(digits):
+    """We read the bundled CSV and a stored split order without importing scikit-learn; the result must
+    be bit-identical to its loader + train_test_split (what earlier versions called)."""
+    from sklearn.datasets import load_digits as sk_load
+    from sklearn.model_selection import train_test_split
+
+    d = sk_load()
+    images = (d.images * 15).astype(np.uint8)[..., None]
+    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=360, random_state=0, stratify=d.target)
+    for ours, theirs in ((digits.train_images, xtr), (digits.test_images, xte),
+                         (digits.train_labels, ytr), (digits.test_labels, yte)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = "import sys; from jaxunlearn.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_cifar10_archive_reads_real_slice(cifar_mini_dir):
     ds = load_cifar10_archive(cifar_mini_dir)
     assert ds.train_images.shape == (5085, 32, 32, 3) and ds.test_images.shape == (1017, 32, 32, 3)

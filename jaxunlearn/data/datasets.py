@@ -7,7 +7,9 @@ inside the jitted training step.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -87,15 +89,38 @@ def make_dataset(name, train_images, train_labels, test_images, test_labels, num
                    test_labels.astype(np.int32), int(num_classes), mean, std)
 
 
-def load_digits(data_dir: str | None = None) -> Dataset:
-    """scikit-learn's bundled 8x8 digits (1797 images), fixed stratified 1437/360 split (seed 0)."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
+DIGITS_SPLIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_split.npy")
 
-    d = _load()
-    images = (d.images * 15).astype(np.uint8)[..., None]  # 0..16 -> 0..240, lossless
-    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=360, random_state=0, stratify=d.target)
-    return make_dataset("digits", xtr, ytr, xte, yte, 10)
+
+def _digits_csv() -> str:
+    """Path of scikit-learn's bundled ``digits.csv.gz``, found without importing scikit-learn
+    (its import costs about a second of every run's start-up)."""
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            return path
+    raise JaxUnlearnError("digits: scikit-learn's bundled digits.csv.gz was not found; "
+                          "install scikit-learn (pip install scikit-learn)")
+
+
+def load_digits(data_dir: str | None = None) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images), fixed stratified 1437/360 split.
+
+    The split is ``sklearn.model_selection.train_test_split(test_size=360, random_state=0,
+    stratify=labels)``, stored as its index order in ``digits_split.npy`` (tests check it still equals
+    scikit-learn's), so it does not change with the scikit-learn version.
+    """
+    with gzip.open(_digits_csv(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    if table.shape != (1797, 65):
+        raise JaxUnlearnError(f"digits: expected a 1797 x 65 table in {_digits_csv()}, got {table.shape}")
+    images = (table[:, :-1].reshape(-1, 8, 8) * 15).astype(np.uint8)[..., None]  # 0..16 -> 0..240, lossless
+    labels = table[:, -1].astype(np.int32)
+    order = np.load(DIGITS_SPLIT)
+    train, test = order[:1437], order[1437:]
+    return make_dataset("digits", images[train], labels[train], images[test], labels[test], 10)
 
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
