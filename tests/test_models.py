@@ -4,21 +4,41 @@ import numpy as np
 import pytest
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.models import im2col_conv, make_model, xla_conv
+from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 
 
+@pytest.mark.parametrize("impl", [i for i in CONV_FNS if i != "xla"])
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1)])
-def test_im2col_conv_equals_xla_conv(k, stride, pad):
-    kx, kk = jax.random.split(jax.random.key(0))
+def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (2, 9, 9, 3))
     w = jax.random.normal(kk, (k, k, 3, 5))
-    a = im2col_conv(x, w, stride, pad)
+    conv = CONV_FNS[impl]
+    a = conv(x, w, stride, pad)
     b = xla_conv(x, w, stride, pad)
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    ga = jax.grad(lambda w: im2col_conv(x, w, stride, pad).sum())(w)
-    gb = jax.grad(lambda w: xla_conv(x, w, stride, pad).sum())(w)
-    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-3)
+    # both gradients (kernel and input) against a random cotangent
+    g = jax.random.normal(kg, b.shape)
+    ga = jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
+    gb = jax.grad(lambda x, w: (xla_conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
+    for u, v in zip(ga, gb):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_equals_flax_max_pool(shape):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), shape)  # continuous values: no ties within a window
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+    g = jax.random.normal(jax.random.key(2), max_pool_2x2(x).shape)
+    ours = jax.grad(lambda x: (max_pool_2x2(x) * g).sum())(x)
+    flax_ = jax.grad(lambda x: (nn.max_pool(x, (2, 2), (2, 2)) * g).sum())(x)
+    np.testing.assert_array_equal(ours, flax_)
+    # a tied window: the gradient is split evenly (reduce_window gives it all to the first)
+    tied = jnp.zeros((1, 2, 2, 1))
+    np.testing.assert_allclose(jax.grad(lambda x: max_pool_2x2(x).sum())(tied), np.full((1, 2, 2, 1), 0.25))
 
 
 @pytest.mark.parametrize("name,shape,width", [("resnet9", (32, 32, 3), 0.125), ("resnet18", (16, 16, 3), 0.125),
@@ -31,9 +51,11 @@ def test_models_map_images_to_logits(name, shape, width):
     y, new = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert y.shape == (3, 10) and y.dtype == jnp.float32
     assert ("batch_stats" in v) == (name not in ("mlp", "vit"))
-    # same parameters, either conv formulation, same outputs
-    y2 = jax.jit(lambda v, x: make_model(name, 10, width, impl="xla").apply(v, x, train=False))(v, x)
-    np.testing.assert_allclose(jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x), y2, rtol=1e-4, atol=1e-4)
+    # same parameters, every conv formulation, same outputs
+    y1 = jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)
+    for impl in CONV_FNS:
+        y2 = jax.jit(lambda v, x: make_model(name, 10, width, impl=impl).apply(v, x, train=False))(v, x)
+        np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 def test_vit_is_the_del_papers_small_data_vit():

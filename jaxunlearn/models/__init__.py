@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models.adapter import flax_apply
-from jaxunlearn.models.layers import CONV_IMPLS, Conv, ConvBN, im2col_conv, xla_conv
+from jaxunlearn.models.layers import CONV_FNS, CONV_IMPLS, Conv, ConvBN, im2col_conv, max_pool_2x2, xla_conv
 from jaxunlearn.models.nets import MLP, ResNet9, ResNet18, SmallCNN
 from jaxunlearn.models.vit import ViT
 
@@ -27,4 +27,4 @@ def make_model(name: str, num_classes: int, width: float = 1.0, impl: str = "im2
 
 
 __all__ = ["flax_apply", "MODELS", "make_model", "Conv", "ConvBN", "im2col_conv", "xla_conv", "ResNet9", "ResNet18",
-           "SmallCNN", "MLP", "ViT", "CONV_IMPLS"]
+           "SmallCNN", "MLP", "ViT", "CONV_IMPLS", "CONV_FNS", "max_pool_2x2"]

@@ -1,22 +1,26 @@
 """Layers whose ensemble (vmapped) form is fast on every backend.
 
-``Conv`` has two interchangeable formulations with the same parameters
-(kernel f32[kh, kw, c_in, c_out]):
+``Conv`` has interchangeable formulations with the same parameters (kernel f32[kh, kw, c_in, c_out]):
 
-* ``"xla"``: ``lax.conv_general_dilated``. Under ``vmap`` over models the kernel gains
+* ``"xla"``: ``lax.conv_general_dilated`` (NHWC). Under ``vmap`` over models the kernel gains
   a batch axis and XLA lowers it to a grouped convolution, slow in the backward pass on CPU.
+* ``"xla_canonical"``: ``"xla"`` with a custom backward pass in the same layout (see
+  :func:`canonical_conv`): XLA's CPU backend runs JAX's own backward convolutions slowly in loops.
+* ``"xla_nchw"``: the same convolution in NCHW / OIHW layout (PyTorch's), transposed around it.
 * ``"im2col"``: patches by strided slicing, then one matmul. Under ``vmap`` it becomes a
   batched matmul, which every backend runs well.
+* ``"shift"``: a sum of k·k shifted matmuls, no patch tensor in memory.
 
 Which one an ensemble uses is measured (``benchmarks/ensemble_throughput.py``), not assumed.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
-
-CONV_IMPLS = ("xla", "im2col")
 
 # PyTorch's default init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -36,10 +40,89 @@ def im2col_conv(x, kernel, stride: int, padding: int):
     return patches @ kernel.reshape(k * k * c, -1)
 
 
+def shift_conv(x, kernel, stride: int, padding: int):
+    """Same contract as :func:`im2col_conv`, as a sum of k·k shifted matmuls (no patch tensor)."""
+    k = kernel.shape[0]
+    _, h, w, _ = x.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :] @ kernel[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def xla_nchw_conv(x, kernel, stride: int, padding: int):
+    """Same contract as :func:`im2col_conv`; the convolution itself in NCHW / OIHW layout."""
+    y = lax.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1), (stride, stride),
+                                 [(padding, padding)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return y.transpose(0, 2, 3, 1)
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 def xla_conv(x, kernel, stride: int, padding: int):
     """Same contract as :func:`im2col_conv`, through lax.conv_general_dilated."""
-    return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=NHWC)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def canonical_conv(x, kernel, stride: int, padding: int):
+    """:func:`xla_conv` whose backward pass is two convolutions in the forward's own NHWC / HWIO layout.
+
+    JAX's transpose rules emit the input and kernel gradients as convolutions with permuted dimension
+    labels; XLA's CPU backend sends those to a slow generic kernel when they sit inside a loop body (a
+    ``lax.scan`` over steps, a ``lax.map`` over models): 9x slower per epoch for the digits CNN. Here the
+    permutations are explicit transposes around plain convolutions, which it runs on its fast path.
+    Same values as JAX's own gradients (bit-identical on CPU in tests)."""
+    return xla_conv(x, kernel, stride, padding)
+
+
+def _canonical_conv_fwd(x, kernel, stride, padding):
+    return xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _canonical_conv_bwd(stride, padding, residuals, dy):
+    """dy: f32[B, Ho, Wo, F] -> (dx f32[B, H, W, C], dkernel f32[k, k, C, F])."""
+    x, kernel = residuals
+    k = kernel.shape[0]
+    _, h, w, _ = x.shape
+    _, ho, wo, _ = dy.shape
+    lo = k - 1 - padding  # dx: the stride-dilated dy convolved with the flipped, in/out-swapped kernel
+    pads = [(lo, h - 1 - (ho - 1) * stride + padding), (lo, w - 1 - (wo - 1) * stride + padding)]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(stride, stride), dimension_numbers=NHWC)
+    # dkernel: channels as the batch, the batch as features, dy as a (dilated) Ho x Wo kernel
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else x
+    dk = lax.conv_general_dilated(xp.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), [(0, 0)] * 2,
+                                  rhs_dilation=(stride, stride), dimension_numbers=NHWC)
+    return dx.astype(x.dtype), dk[:, :k, :k, :].transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, VALID (an odd last row / column is dropped, as ``nn.max_pool`` does).
+    x: f32[B, H, W, C] -> f32[B, H//2, W//2, C].
+
+    Written as reshape + max rather than ``reduce_window``: its backward is an elementwise compare and
+    select that fuses, instead of a select-and-scatter kernel (measured: ``benchmarks/RESULTS.md``). At
+    ties within a window the gradient is split evenly among them (``reduce_window``'s goes to the first);
+    after a ReLU the tied windows are the all-zero ones, whose gradient the ReLU drops either way."""
+    b, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+CONV_FNS = {"im2col": im2col_conv, "xla": xla_conv, "xla_canonical": canonical_conv, "shift": shift_conv,
+            "xla_nchw": xla_nchw_conv}
+CONV_IMPLS = tuple(CONV_FNS)
 
 
 class _ConvFields(nn.Module):
@@ -58,8 +141,7 @@ class Conv(_ConvFields):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features))
-        fn = im2col_conv if self.impl == "im2col" else xla_conv
-        return fn(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+        return CONV_FNS[self.impl](x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
 
 
 class ConvBN(_ConvFields):

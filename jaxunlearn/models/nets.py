@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxunlearn.models.layers import Conv, ConvBN, torch_default_init
+from jaxunlearn.models.layers import Conv, ConvBN, max_pool_2x2, torch_default_init
 
 
 def _dense(features, dtype=jnp.float32, use_bias=True):
@@ -42,7 +42,7 @@ class ResNet9(Classifier):
         x = cbn(c(128), kernel_size=5, stride=2, padding=2)(x, train)
         x = x + cbn(c(128))(cbn(c(128))(x, train), train)
         x = cbn(c(256))(x, train)
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         x = x + cbn(c(256))(cbn(c(256))(x, train), train)
         x = cbn(c(128), padding=0)(x, train)
         x = jnp.max(x, axis=(1, 2))
@@ -99,7 +99,7 @@ class SmallCNN(Classifier):
         c = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
         x = ConvBN(c(16), impl=self.impl, dtype=self.dtype)(x, train)
         x = ConvBN(c(32), impl=self.impl, dtype=self.dtype)(x, train)
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         x = ConvBN(c(64), impl=self.impl, dtype=self.dtype)(x, train)
         return _pooled_head(x, features, self.num_classes, self.dtype)
 
