@@ -7,6 +7,7 @@ from jaxunlearn.data import make_dataset
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics import accuracy_from_logits
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, retain_masks, train_ensemble
+from jaxunlearn.training.ensemble import model_keys
 from jaxunlearn.training.loop import train_one_by_one
 from jaxunlearn.training.recipe import triangle_schedule
 from jaxunlearn.training.subsets import subset_batches, steps_per_epoch
@@ -107,6 +108,20 @@ def test_ensemble_equals_one_by_one_training(digits):
             assert float(jnp.abs(a - b).max()) < 0.05
             assert float(jnp.mean(a.argmax(-1) == b.argmax(-1))) > 0.99
         assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away
+
+
+@pytest.mark.parametrize("model,width", [("cnn", 2), ("mlp", 4)])
+def test_ensemble_init_compiled_unoptimised_is_bit_identical(digits, model, width):
+    """EnsembleFns.init skips backend optimisation (a compile-time saving): every model's initial state
+    must still equal, bit for bit, the plain jitted single-model init of the same key."""
+    recipe = RECIPES[f"digits-{model}"]
+    tr = _trainer(digits, recipe, np.ones((4, digits.n_train), bool))
+    keys = model_keys(3, np.arange(4))
+    stacked = EnsembleFns(tr, 4, width).init(keys)
+    single = jax.jit(tr.init)
+    for i in range(4):
+        for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(single(keys[i]))):
+            np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b))
 
 
 def test_digits_ensemble_reaches_single_model_accuracy(digits):

@@ -2,9 +2,9 @@
 
 ``k`` models of a chunk are processed as ``lax.map`` over groups of ``vmap_width``
 ``vmap``ped models (``vmap_width >= k``: one plain ``vmap``; ``1``: a sequential map
-inside jit); with several local devices the models axis is first split across them
-(``shard_map`` over a 1-D "models" mesh, data replicated), each device running that layout on
-its share. One jitted call trains every model of the chunk for one epoch; there is
+inside jit; a short last group padded to the full width); with several local devices the
+models axis is first split across them (``shard_map`` over a 1-D "models" mesh, data
+replicated), each device running that layout on its share. One jitted call trains every model of the chunk for one epoch; there is
 no Python loop over models or steps.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh
@@ -20,11 +21,22 @@ from jax.sharding import PartitionSpec as P
 from jaxunlearn.training.step import ModelState, Trainer
 
 
+def _pad_models(xs, pad: int):
+    """Appends ``pad`` copies of the last model to every leaf of ``xs`` (stacked on axis 0)."""
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), xs)
+
+
 def map_models(fn: Callable, xs, vmap_width: int, n_models: int):
-    """Applies single-model ``fn`` to every model in ``xs`` (stacked on axis 0)."""
-    if vmap_width >= n_models:
-        return jax.vmap(fn)(xs)
-    return lax.map(fn, xs, batch_size=max(1, vmap_width))
+    """Applies single-model ``fn`` to every model in ``xs`` (stacked on axis 0): ``lax.map`` over groups
+    of ``min(vmap_width, n_models)`` vmapped models. A short last group is padded with copies of the
+    last model (dropped from the output), so every model runs in a vmap of the same width: the same
+    program, and the same bits, whichever group or device it lands in."""
+    w = max(1, min(vmap_width, n_models))
+    pad = (-n_models) % w
+    if pad:
+        xs = _pad_models(xs, pad)
+    out = jax.vmap(fn)(xs) if n_models + pad == w else lax.map(fn, xs, batch_size=w)
+    return jax.tree.map(lambda a: a[:n_models], out) if pad else out
 
 
 @jax.jit
@@ -57,7 +69,12 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
             it = iter(model_args)
             return fn(*(args[i] if i in replicated else next(it) for i in range(len(args))))
 
-        return map_models(one, mapped, min(vmap_width, local), local)
+        # every model in a vmap of the one-device width (a share smaller than it is padded): bit-identical
+        width = min(vmap_width, n_models)
+        if local >= width:
+            return map_models(one, mapped, width, local)
+        out = map_models(one, _pad_models(mapped, width - local), width, width)
+        return jax.tree.map(lambda a: a[:local], out)
 
     def call(*args):
         specs = tuple(P() if i in replicated else P("models") for i in range(len(args)))
@@ -65,6 +82,11 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
                              check_vma=False)(*args)
 
     return call
+
+
+# Init runs once per chunk, so it is compiled without backend optimisation: its threefry draws took
+# 2.7 s of XLA CPU compiling for 64 digits CNNs, 0.4 s this way; the values are bit-identical (tested).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class EnsembleFns:
@@ -77,14 +99,14 @@ class EnsembleFns:
         self.devices = devices if len(devices) > 1 and n_models % len(devices) == 0 else devices[:1]
         if len(self.devices) > 1:
             over = lambda fn, replicated=(): over_devices(fn, self.devices, n_models, vmap_width, replicated)  # noqa: E731
-            self.init = jax.jit(over(trainer.init))
+            self.init = jax.jit(over(trainer.init), compiler_options=INIT_COMPILER_OPTIONS)
             # run_epoch(state, images, labels, mask, model_key, epoch): images, labels, epoch are shared
             self.epoch = jax.jit(over(trainer.run_epoch, (1, 2, 5)), donate_argnums=0)
             self.logits = jax.jit(over(trainer.logits, (2,)))
             return
         mm = lambda fn, xs: map_models(fn, xs, vmap_width, n_models)  # noqa: E731
 
-        self.init = jax.jit(lambda keys: mm(trainer.init, keys))
+        self.init = jax.jit(lambda keys: mm(trainer.init, keys), compiler_options=INIT_COMPILER_OPTIONS)
 
         def epoch(states, images, labels, masks, keys, epoch):
             return mm(lambda a: trainer.run_epoch(a[0], images, labels, a[1], a[2], epoch), (states, masks, keys))
