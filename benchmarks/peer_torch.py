@@ -23,10 +23,11 @@ train/test split, normalisation and α = 0.5 subset masks (made by our own code 
 torch processes as NumPy arrays), the same number of steps per epoch (the last batch wrapping around
 the model's subset), PyTorch's default init (which ours copies; biases zero, as ours). Per-model data
 order and augmentation draws come from each framework's own generator. Torch's thread count is pinned
-to the cores this process may use (what XLA's CPU client uses), and they run with
-``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``): on a machine shared with other work, OpenMP's default
-spin-waiting made torch 100-200x slower per epoch here (4 MLPs: 5.5 s vs 0.027 s), which would measure
-the spinning, not the framework. A configuration whose mean test accuracies differ by more than 0.5
+to the cores this process may use (what XLA's CPU client uses). Torch keeps OpenMP's default spin-waiting
+unless ``--omp-wait-policy PASSIVE`` is given: use that only on a machine shared with other work, where
+spinning made torch 100-200x slower per epoch here (4 MLPs: 5.5 s vs 0.027 s); on an idle machine PASSIVE
+costs torch 2x per epoch (digits CNN x16: 1.42 vs 0.66 s). The load average cannot decide it: this
+script's own processes raise it. A configuration whose mean test accuracies differ by more than 0.5
 point is marked void. Each subprocess's 1-minute load average before and after is in the JSON.
 
 Reported per configuration: whole-process wall (s, median over repeats), start-up = wall − epochs ×
@@ -285,7 +286,7 @@ def _timed(cmd, env=None, timeout=None) -> tuple[float, str | None, dict]:
     return wall, r.stdout, {"load_before": load0, "load_after": os.getloadavg()[0]}
 
 
-OMP_WAIT_POLICY = "PASSIVE"  # set by --omp-wait-policy; given to the torch processes
+OMP_WAIT_POLICY = ""  # set by --omp-wait-policy; given to the torch processes
 
 
 def _worker(name: str, model: str, models: int, seed: int, data: str, recipe: dict, timeout=None):
@@ -408,9 +409,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], help="e.g. torch-vmap@cnn:256 (a slow peer left out)")
     p.add_argument("--timeout", type=float, default=None, help="stop a torch process after this many seconds")
-    p.add_argument("--omp-wait-policy", default="PASSIVE",
-                   help="OMP_WAIT_POLICY for the torch processes (default PASSIVE: with OpenMP's default spinning, "
-                        "torch on a machine shared with other work ran 100-200x slower here; '' keeps the default)")
+    p.add_argument("--omp-wait-policy", default="",
+                   help="OMP_WAIT_POLICY for the torch processes (default: OpenMP's own); PASSIVE on a machine "
+                        "shared with other work, where spinning threads made torch 100-200x slower here")
     # worker mode (internal)
     p.add_argument("--worker", choices=sorted(WORKERS), default=None)
     p.add_argument("--model", default="mlp")
