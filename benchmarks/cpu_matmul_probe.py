@@ -11,7 +11,6 @@ plus one large square matmul for each as the machine's reachable rate. GFLOP/s, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time

@@ -13,7 +13,6 @@ timed with the full models' own logits as targets: the work does not depend on t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
