@@ -7,7 +7,7 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 
 
-SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1)]
+SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # every shape for the formulations with their own index arithmetic (im2col, the custom backward);
 # two (a strided padded one and an unpadded one) for the plain re-wirings
 CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHAPES] + \
@@ -20,19 +20,34 @@ def test_every_conv_formulation_is_checked():
 
 @pytest.mark.parametrize("impl,k,stride,pad", CASES)
 def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
-    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (2, 9, 9, 3))
-    w = jax.random.normal(kk, (k, k, 3, 5))
     conv = CONV_FNS[impl]
-    a = conv(x, w, stride, pad)
-    b = xla_conv(x, w, stride, pad)
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    # both gradients (kernel and input) against a random cotangent
-    g = jax.random.normal(kg, b.shape)
-    ga = jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
-    gb = jax.grad(lambda x, w: (xla_conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
-    for u, v in zip(ga, gb):
+    # 9x9: every stride divides the span; 8x7: a remainder row / column the stride skips
+    for size in ((9, 9), (8, 7)):
+        kx, kk, kg = jax.random.split(jax.random.key(size[1]), 3)
+        x = jax.random.normal(kx, (2, *size, 3))
+        w = jax.random.normal(kk, (k, k, 3, 5))
+        a = conv(x, w, stride, pad)
+        b = xla_conv(x, w, stride, pad)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        # both gradients (kernel and input) against a random cotangent
+        g = jax.random.normal(kg, b.shape)
+        ga = jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
+        gb = jax.grad(lambda x, w: (xla_conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
+        for u, v in zip(ga, gb):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+
+
+def test_canonical_conv_gradients_under_vmap_over_models():
+    """The ensemble vmaps the custom backward over models (kernels and inputs both batched)."""
+    kx, kk = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (3, 2, 8, 7, 3))
+    w = jax.random.normal(kk, (3, 3, 3, 3, 4))
+
+    def grads(conv):
+        return jax.vmap(jax.grad(lambda x, w: (conv(x, w, 2, 1) ** 2).sum(), argnums=(0, 1)))(x, w)
+
+    for u, v in zip(grads(CONV_FNS["xla_canonical"]), grads(xla_conv)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 

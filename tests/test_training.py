@@ -110,6 +110,18 @@ def test_ensemble_equals_one_by_one_training(digits):
         assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away
 
 
+def test_map_models_pads_a_short_last_group_and_keeps_model_order():
+    from jaxunlearn.training.ensemble import map_models
+
+    xs = {"a": jnp.arange(5.0)[:, None] * jnp.ones((5, 3)), "b": jnp.arange(5)}
+    fn = lambda m: {"y": m["a"] * 2 + m["b"], "z": m["b"]}  # noqa: E731
+    want = jax.vmap(fn)(xs)
+    for width in (1, 2, 3, 5, 8):
+        got = jax.jit(lambda xs: map_models(fn, xs, width, 5))(xs)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"width {width}")
+
+
 @pytest.mark.parametrize("model,width", [("cnn", 2), ("mlp", 4)])
 def test_ensemble_init_compiled_unoptimised_is_bit_identical(digits, model, width):
     """EnsembleFns.init skips backend optimisation (a compile-time saving): every model's initial state

@@ -216,7 +216,7 @@ class Experiment(NamedTuple):
     memorization: np.ndarray  # f32[n_train] Feldman-Zhang memorization from the datamodel ensemble
     data: UnlearnData
     keys: jax.Array  # key[k2], one per unlearned model
-    vmap_width: int  # the ensemble layout of training, for unlearning and evaluation
+    vmap_width: int  # the measured ensemble layout (training.strategy) for k2 models: unlearning and evaluation
     logits_of: Any  # (params, batch_stats, images) -> f32[k2, P, C]: EnsembleFns' logits, training's layout
     t0: float
 

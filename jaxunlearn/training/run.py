@@ -385,9 +385,11 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     if devices is not None and not 1 <= devices <= len(local):
         raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
     devs = local[:devices or len(local)]
+    stored = {}  # the layout a run was created with is the run's: a resume or a later worker keeps it
     if resuming:
         with open(os.path.join(out, "config.json")) as f:
-            chunk = json.load(f)["chunk_resolved"]
+            stored = json.load(f)
+        chunk = stored["chunk_resolved"]
     else:
         vw0 = cfg.vmap_width or strat.vmap_width
         if cfg.chunk:
@@ -406,8 +408,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     if not resuming and not _create_json_once(os.path.join(out, "config.json"), run_dict):
         _check_out(out, run_dict)  # another worker created the run first: same config, and its chunk size
         with open(os.path.join(out, "config.json")) as f:
-            chunk = json.load(f)["chunk_resolved"]
-    vmap_width = width_for(chunk)
+            stored = json.load(f)
+        chunk = stored["chunk_resolved"]
+    vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
     os.makedirs(chunks_dir, exist_ok=True)
     save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy
     n_chunks = -(-cfg.models // chunk)

@@ -77,7 +77,7 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
     params / model_state: stacked over K; targets: f32[K, n_train, C] or None; keys: key[K].
     ``vmap_width``: models vmapped together, groups mapped one after another (the ensemble layout
     of training, :func:`jaxunlearn.training.ensemble.map_models`; None: all K vmapped; 1: one model
-    at a time, the fast layout for conv nets on CPU and GPU, see benchmarks/RESULTS.md).
+    at a time; ``training.strategy.default_strategy`` has the measured choice per model and backend).
     ``devices``: the K models are split across them (``shard_map`` over a "models" mesh, data
     replicated, each device running that layout on its share; default every local device when K
     divides among them), bit-identical to one device.
