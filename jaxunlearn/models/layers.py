@@ -26,16 +26,22 @@ from jax import lax
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def im2col_conv(x, kernel, stride: int, padding: int):
-    """x: f32[B, H, W, C], kernel: f32[k, k, C, F] -> f32[B, Ho, Wo, F] (zero padding)."""
-    k = kernel.shape[0]
-    b, h, w, c = x.shape
+def shifted_windows(x, k: int, stride: int, padding: int) -> list:
+    """The k·k strided views of zero-padded x that a k x k convolution multiplies by its kernel taps,
+    in (i, j) row-major order. x: f32[B, H, W, C] -> k·k arrays f32[B, Ho, Wo, C]."""
+    _, h, w, _ = x.shape
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     ho = (h + 2 * padding - k) // stride + 1
     wo = (w + 2 * padding - k) // stride + 1
-    cols = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+    return [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
             for i in range(k) for j in range(k)]
+
+
+def im2col_conv(x, kernel, stride: int, padding: int):
+    """x: f32[B, H, W, C], kernel: f32[k, k, C, F] -> f32[B, Ho, Wo, F] (zero padding)."""
+    k, c = kernel.shape[0], x.shape[-1]
+    cols = shifted_windows(x, k, stride, padding)
     patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, k*k*C]
     return patches @ kernel.reshape(k * k * c, -1)
 
@@ -43,16 +49,11 @@ def im2col_conv(x, kernel, stride: int, padding: int):
 def shift_conv(x, kernel, stride: int, padding: int):
     """Same contract as :func:`im2col_conv`, as a sum of k·k shifted matmuls (no patch tensor)."""
     k = kernel.shape[0]
-    _, h, w, _ = x.shape
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    out = None
-    for i in range(k):
-        for j in range(k):
-            term = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :] @ kernel[i, j]
-            out = term if out is None else out + term
+    taps = kernel.reshape(k * k, *kernel.shape[2:])
+    windows = shifted_windows(x, k, stride, padding)
+    out = windows[0] @ taps[0]
+    for window, tap in zip(windows[1:], taps[1:]):
+        out = out + window @ tap
     return out
 
 
