@@ -29,7 +29,8 @@ def add_train_args(p):
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--chunk", type=int, default=None, help="models trained at once (default: from free memory)")
-    p.add_argument("--conv-impl", default=None, help="im2col or xla (default: measured best for the backend)")
+    p.add_argument("--conv-impl", default=None, help="im2col, xla, xla_canonical, shift or xla_nchw "
+                   "(default: the measured best for the backend, training/strategy.py)")
     p.add_argument("--vmap-width", type=int, default=None, help="models vmapped together inside a chunk")
     p.add_argument("--forget-idx", default=None,
                    help="train oracles: every model on all points but these (.npy file or comma list)")
