@@ -112,10 +112,11 @@ def load_digits(data_dir: str | None = None) -> Dataset:
     stratify=labels)``, stored as its index order in ``digits_split.npy`` (tests check it still equals
     scikit-learn's), so it does not change with the scikit-learn version.
     """
-    with gzip.open(_digits_csv(), "rt") as f:
+    path = _digits_csv()
+    with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",")
     if table.shape != (1797, 65):
-        raise JaxUnlearnError(f"digits: expected a 1797 x 65 table in {_digits_csv()}, got {table.shape}")
+        raise JaxUnlearnError(f"digits: expected a 1797 x 65 table in {path}, got {table.shape}")
     images = (table[:, :-1].reshape(-1, 8, 8) * 15).astype(np.uint8)[..., None]  # 0..16 -> 0..240, lossless
     labels = table[:, -1].astype(np.int32)
     order = np.load(DIGITS_SPLIT)

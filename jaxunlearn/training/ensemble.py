@@ -4,8 +4,8 @@
 ``vmap``ped models (``vmap_width >= k``: one plain ``vmap``; ``1``: a sequential map
 inside jit; a short last group padded to the full width); with several local devices the
 models axis is first split across them (``shard_map`` over a 1-D "models" mesh, data
-replicated), each device running that layout on its share. One jitted call trains every model of the chunk for one epoch; there is
-no Python loop over models or steps.
+replicated), each device running that layout on its share. One jitted call trains every
+model of the chunk for one epoch; there is no Python loop over models or steps.
 """
 from __future__ import annotations
 
@@ -71,10 +71,9 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
 
         # every model in a vmap of the one-device width (a share smaller than it is padded): bit-identical
         width = min(vmap_width, n_models)
-        if local >= width:
-            return map_models(one, mapped, width, local)
-        out = map_models(one, _pad_models(mapped, width - local), width, width)
-        return jax.tree.map(lambda a: a[:local], out)
+        pad = max(0, width - local)
+        out = map_models(one, _pad_models(mapped, pad) if pad else mapped, width, local + pad)
+        return jax.tree.map(lambda a: a[:local], out) if pad else out
 
     def call(*args):
         specs = tuple(P() if i in replicated else P("models") for i in range(len(args)))
