@@ -27,6 +27,7 @@ from flax import struct
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.training.subsets import subset_batches
 
 
 class DKVBHead(struct.PyTreeNode):
@@ -40,14 +41,6 @@ class DKVBHead(struct.PyTreeNode):
     keys: jax.Array
     values: jax.Array
     key_mask: jax.Array
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.keys.shape[-3]
-
-    @property
-    def pairs(self) -> int:
-        return self.keys.shape[-2]
 
     @property
     def feature_dim(self) -> int:
@@ -200,18 +193,10 @@ def init_keys(key, z, batch_idx, pairs: int, decay: float = 0.95, eps: float = 1
 
 def shuffled_batches(key, weights, batch: int, epochs: int):
     """i32[epochs * steps, batch]: per epoch a shuffle of the points with weight > 0 (bool/0-1 f32[N]),
-    cut into batches (the last one wraps around); static shapes, so a masked subset is drawn by
-    sorting its points first (the relative order of a random permutation, as ``subset_batches``)."""
-    n = weights.shape[0]
-    count = jnp.sum(weights > 0)
-    steps = max(1, -(-n // batch))
-
-    def one(k):
-        r = jax.random.uniform(k, (n,))
-        order = jnp.argsort(jnp.where(weights > 0, r, 2.0 + r))  # chosen points first, in random order
-        pos = jnp.arange(steps * batch) % jnp.maximum(count, 1)
-        return order[pos].reshape(steps, batch)
-
+    cut into batches (the last one wraps around): ``subset_batches`` of those points, one key per
+    epoch, with as many steps as the whole set needs (static shapes)."""
+    steps = max(1, -(-weights.shape[0] // batch))
+    one = lambda k: subset_batches(weights > 0, k, batch, steps)  # noqa: E731
     return jax.vmap(one)(jax.random.split(key, epochs)).reshape(-1, batch), steps
 
 
