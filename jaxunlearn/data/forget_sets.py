@@ -57,6 +57,11 @@ KINDS = {"random": 1, "class": 1, "cluster": 2, "classes": 2, "memorized": 1}
 NEEDS_MODELS = {"cluster": "embeddings of a trained model", "memorized": "memorization scores of a subset ensemble"}
 
 
+def _check_size(spec: str, size: int, n_train: int) -> None:
+    if not 0 < size < n_train:
+        raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}] for {n_train} training points")
+
+
 def parse_forget_spec(spec: str, n_train: int) -> tuple[str, list]:
     """Checks a spec's form and numbers (everything that needs no trained model). ``classes``
     returns [[class, ...], N]."""
@@ -71,14 +76,11 @@ def parse_forget_spec(spec: str, n_train: int) -> tuple[str, list]:
         (size,) = _ints(spec, parts[1:], 1)
         if len(set(classes)) != len(classes):
             raise JaxUnlearnError(f"forget set {spec!r}: a class is listed twice")
-        if not 0 < size < n_train:
-            raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}]")
+        _check_size(spec, size, n_train)
         return kind, [classes, size]
     nums = _ints(spec, parts, KINDS[kind])
-    if kind == "memorized" and not 0 < nums[0] < n_train:
-        raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}] for {n_train} training points")
-    if kind == "random" and not 0 < nums[0] < n_train:
-        raise JaxUnlearnError(f"forget set {spec!r}: size must lie in [1, {n_train - 1}] for {n_train} training points")
+    if kind in ("random", "memorized"):
+        _check_size(spec, nums[0], n_train)
     if kind == "cluster" and not 0 <= nums[1] < nums[0]:
         raise JaxUnlearnError(f"forget set {spec!r}: cluster index must lie in [0, {nums[0]})")
     return kind, nums

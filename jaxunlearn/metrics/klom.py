@@ -26,14 +26,21 @@ import numpy as np
 from jaxunlearn.errors import JaxUnlearnError
 
 
-@partial(jax.jit, static_argnames=("bins",))
-def binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
-    """KL(P ‖ Q) per point from samples. p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f32[P]."""
+@jax.jit
+def _clipped_range(p_samples, q_samples, clip):
+    """The clipped samples and their pooled range per point, as the reference computes them
+    (float32; an empty range becomes [lo, lo + 1]). -> (p f32[Kp, P], q f32[Kq, P], lo f32[P], hi f32[P])."""
     p = jnp.clip(p_samples, -clip, clip)
     q = jnp.clip(q_samples, -clip, clip)
     lo = jnp.minimum(p.min(0), q.min(0))
     hi = jnp.maximum(p.max(0), q.max(0))
-    hi = jnp.where(hi > lo, hi, lo + 1.0)
+    return p, q, lo, jnp.where(lo >= hi, lo + 1.0, hi)
+
+
+@partial(jax.jit, static_argnames=("bins",))
+def binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
+    """KL(P ‖ Q) per point from samples. p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f32[P]."""
+    p, q, lo, hi = _clipped_range(p_samples, q_samples, clip)
 
     def hist(s):
         idx = jnp.clip(jnp.floor((s - lo) / (hi - lo) * bins).astype(jnp.int32), 0, bins - 1)  # right edge in last bin
@@ -49,17 +56,6 @@ def binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: flo
 
 BINNINGS = ("inclusive", "reference")
 DIRECTIONS = ("oracle||unlearned", "unlearned||oracle")
-
-
-@jax.jit
-def _clipped_range(p_samples, q_samples, clip):
-    """The clipped samples and their pooled range per point, as the reference computes them
-    (float32; an empty range becomes [lo, lo + 1]). -> (p f32[Kp, P], q f32[Kq, P], lo f32[P], hi f32[P])."""
-    p = jnp.clip(p_samples, -clip, clip)
-    q = jnp.clip(q_samples, -clip, clip)
-    lo = jnp.minimum(p.min(0), q.min(0))
-    hi = jnp.maximum(p.max(0), q.max(0))
-    return p, q, lo, jnp.where(lo >= hi, lo + 1.0, hi)
 
 
 @partial(jax.jit, static_argnames=("bins",))
