@@ -262,7 +262,7 @@ def _tmp_name(chunk_name: str) -> str:
     return f".tmp-{chunk_name}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> bool:
+def _save_chunk(final_dir: str, variables: dict, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> bool:
     """Writes a finished chunk under a private temporary name and renames it into place; False (and
     nothing written) when another process finished the same chunk first."""
     import orbax.checkpoint as ocp
@@ -270,8 +270,7 @@ def _save_chunk(final_dir: str, states, logits: np.ndarray, model_ids: np.ndarra
     tmp = os.path.join(os.path.dirname(final_dir), _tmp_name(os.path.basename(final_dir)))
     os.makedirs(tmp)
     with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(os.path.join(tmp, "ckpt")),
-                   {"params": states.params, "batch_stats": states.batch_stats})
+        ckptr.save(os.path.abspath(os.path.join(tmp, "ckpt")), variables)
     np.savez(os.path.join(tmp, "outputs.npz"), logits=logits, model_ids=model_ids)
     write_json_atomic(os.path.join(tmp, "meta.json"), meta)
     write_json_atomic(os.path.join(tmp, CHECKSUMS), file_digests(tmp))
@@ -449,11 +448,12 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         states, _ = train_ensemble(trainer, images, labels, masks[run_ids], run_ids, cfg.seed, cfg.recipe.epochs,
                                    on_epoch=cb, fns=fns)
         logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)[:k]
+        variables = {"params": states.params, "batch_stats": states.batch_stats}  # what a chunk keeps
         if k < chunk:  # drop the padding (on the host: slicing on the device would compile)
-            states = jax.tree.map(lambda t: jax.device_put(np.asarray(t)[:k]), states)
+            variables = jax.tree.map(lambda t: jax.device_put(np.asarray(t)[:k]), variables)
         if not np.all(np.isfinite(logits)):
             raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
-        if _save_chunk(final, states, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
+        if _save_chunk(final, variables, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
             trained += k
     wall = time.time() - t0
     missing = missing_chunks(out, n_chunks)
