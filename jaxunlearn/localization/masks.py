@@ -123,11 +123,17 @@ def _grouped(scores, config):
     return jax.tree.map(lambda s: channel_scores(s, config.mask_channel_reduce, config.mask_channel_topk), scores)
 
 
-def del_mask(params, model_state, data, forget_idx, key, config):
-    """DEL's localization (see the module docstring). Cost: one gradient per forget point."""
-    g = forget_gradient(params, model_state, data, forget_idx, config.mask_batch_size, per_batch_mean=True)
+def _criticality_mask(params, model_state, data, forget_idx, config, point_weights=None):
+    """Top fraction of |θ ⊙ Σ_batches ∇θ CE| over the forget set, grouped by output channel."""
+    g = forget_gradient(params, model_state, data, forget_idx, config.mask_batch_size, per_batch_mean=True,
+                        point_weights=point_weights)
     scores = jax.tree.map(lambda p, d: jnp.abs(p * d), params, g)
     return top_fraction(_grouped(scores, config), config.mask_fraction), jnp.float32(forget_idx.shape[0])
+
+
+def del_mask(params, model_state, data, forget_idx, key, config):
+    """DEL's localization (see the module docstring). Cost: one gradient per forget point."""
+    return _criticality_mask(params, model_state, data, forget_idx, config)
 
 
 def memorization_mask(params, model_state, data, forget_idx, key, config):
@@ -136,10 +142,7 @@ def memorization_mask(params, model_state, data, forget_idx, key, config):
         raise JaxUnlearnError("the memorization mask needs UnlearnData.memorization (f32[n_train], "
                               "jaxunlearn.metrics.memorization of a subset ensemble)")
     w = jnp.maximum(jnp.asarray(data.memorization, jnp.float32), 0.0)
-    g = forget_gradient(params, model_state, data, forget_idx, config.mask_batch_size, per_batch_mean=True,
-                        point_weights=w)
-    scores = jax.tree.map(lambda p, d: jnp.abs(p * d), params, g)
-    return top_fraction(_grouped(scores, config), config.mask_fraction), jnp.float32(forget_idx.shape[0])
+    return _criticality_mask(params, model_state, data, forget_idx, config, point_weights=w)
 
 
 def saliency_mask(params, model_state, data, forget_idx, key, config):

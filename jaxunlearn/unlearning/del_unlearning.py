@@ -22,7 +22,7 @@ from flax import struct
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization.masks import MaskConfig, del_mask
 from jaxunlearn.unlearning.finetune import (SGDConfig, both_masks, model_ce, retain_count, retain_sample, run_finetune,
-                                            steps_for)
+                                            select_update, steps_for)
 
 
 class DELConfig(SGDConfig, MaskConfig):
@@ -38,7 +38,7 @@ class DELConfig(SGDConfig, MaskConfig):
 def reset_to_fresh(params, mask, init, key):
     """Masked weights replaced by a fresh initialisation ``init(key)[0]``, the others kept (bits too)."""
     fresh, _ = init(key)
-    return jax.tree.map(lambda m, f, p: jnp.where(m, f.astype(p.dtype), p), mask, fresh, params)
+    return select_update(jax.tree.map(lambda f, p: f.astype(p.dtype), fresh, params), params, mask)
 
 
 def with_head(mask):
