@@ -211,6 +211,7 @@ class Experiment(NamedTuple):
     forget: dict  # {spec: i64[f]}
     groups: dict  # {spec: {"forget", "retain", "val"} point indices}
     oracles: dict  # {spec: oracle run}
+    oracle_accuracy: dict  # {spec: {"forget", "retain", "test"} argmax accuracy of the held-out oracle half}
     effects: dict  # {spec: f32[P, C]} each forget set's summed datamodel effect
     attribution: dict  # LDS of every estimator and the fit details
     memorization: np.ndarray  # f32[n_train] Feldman-Zhang memorization from the datamodel ensemble
@@ -326,10 +327,11 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
     oracles = train_oracles(cfg, data, forget, out, progress)
     k2, ds = cfg.full_models // 2, data.dataset
     vmap_width = default_strategy(data.recipe.model, jax.default_backend(), k2).vmap_width
+    groups = {s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}
     return Experiment(
         cfg=cfg, dataset=ds, trainer=trainer, full=full,
-        unlearned=jax.tree.map(lambda t: t[:k2], full_vars), forget=forget,
-        groups={s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}, oracles=oracles,
+        unlearned=jax.tree.map(lambda t: t[:k2], full_vars), forget=forget, groups=groups, oracles=oracles,
+        oracle_accuracy={s: oracle_accuracy(oracles[s]["logits"][k2:], groups[s], ds) for s in forget},
         effects=effects, attribution=attribution, memorization=mem,
         data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images,
                          init=lambda key: tuple(trainer.init(key)[:2]), memorization=jnp.asarray(mem)),
@@ -375,10 +377,11 @@ def group_accuracy(correct, g: dict, n_train: int) -> dict:
             "test": float(correct[:, n_train:].mean())}
 
 
-def oracle_accuracy(exp: Experiment, spec: str) -> dict:
-    """Accuracies (argmax) of the held-out oracle half (the models KLoM compares with): ToW's reference."""
-    correct = exp.oracles[spec]["logits"][exp.k2:].argmax(-1) == np.asarray(exp.dataset.all_labels)
-    return group_accuracy(correct, exp.groups[spec], exp.dataset.n_train)
+def oracle_accuracy(oracle_logits, g: dict, dataset) -> dict:
+    """Accuracies (argmax) of the held-out oracle half (the models KLoM compares with): ToW's reference.
+    oracle_logits: f32[k2, n_train + n_test, C] of that half."""
+    correct = oracle_logits.argmax(-1) == np.asarray(dataset.all_labels)
+    return group_accuracy(correct, g, dataset.n_train)
 
 
 def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, config=None) -> dict:
@@ -399,7 +402,7 @@ def evaluate(exp: Experiment, spec: str, method: str, logits, compute: float, co
         m = np.asarray(margins_from_logits(logits, labels))
         correct = np.asarray(logits.argmax(-1) == labels)
         acc = group_accuracy(correct, g, n)
-        ref = oracle_accuracy(exp, spec)
+        ref = exp.oracle_accuracy[spec]
         r.update(klom=klom_summary(exp_klom(exp, oracle[exp.k2:], m), g), accuracy=acc,
                  accuracy_gap=accuracy_gaps(acc, ref), tow=tug_of_war(acc, ref),
                  mia=mia(m, oracle[exp.k2:], full[exp.k2:], oracle[:exp.k2], g["forget"]))
@@ -450,7 +453,7 @@ def header(exp: Experiment) -> dict:
             "lds_detail": exp.attribution, "noise_floor": {s: noise_floor(exp, s) for s in exp.forget},
             "forget_sets": {s: [int(i) for i in f] for s, f in exp.forget.items()},
             "forget_memorization": {s: forget_memorization(exp.memorization, f) for s, f in exp.forget.items()},
-            "oracle_accuracy": {s: oracle_accuracy(exp, s) for s in exp.forget},
+            "oracle_accuracy": exp.oracle_accuracy,
             "ensemble": {"full_models": cfg.full_models, "unlearned": exp.k2, "eval_oracles": exp.k2,
                          "datamodel_models": cfg.datamodel_models},
             "config": config_json(cfg)}
