@@ -11,7 +11,6 @@ plus one large square matmul for each as the machine's reachable rate. GFLOP/s, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -50,7 +49,9 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        from jaxunlearn.cpu_devices import cpu_cores
+
+        torch.set_num_threads(cpu_cores())
         for row in rows:
             b, m, k, n = row["b_m_k_n"]
             x, w = torch.ones(b, m, k), torch.ones(b, k, n)

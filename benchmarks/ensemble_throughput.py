@@ -23,7 +23,7 @@ from jaxunlearn.training.ensemble import EnsembleFns, model_keys, train_ensemble
 from jaxunlearn.training.loop import make_jitted, train_one_by_one
 from jaxunlearn.training.recipe import load_recipe
 from jaxunlearn.training.step import make_trainer
-from jaxunlearn.training.strategy import default_strategy
+from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
 
@@ -85,10 +85,12 @@ def step_flops(recipe, x, y, mean, std, spe) -> float:
     return 3.0 * matmul_flops(forward.jaxpr)
 
 
-def time_ensemble(tr, X, Y, masks, ids, epochs, impl_width) -> dict:
-    """AOT-compiles one ensemble epoch (compile timed on its own), then times ``epochs`` epochs."""
+def time_ensemble(tr, X, Y, masks, ids, epochs, impl_width, devices) -> dict:
+    """AOT-compiles one ensemble epoch (compile timed on its own), runs one epoch untimed (the first
+    call's allocations and thread start-up would otherwise fall on whichever layout is timed first),
+    then times ``epochs`` epochs, the models split across ``devices``."""
     m = int(masks.shape[0])
-    fns = EnsembleFns(tr, m, impl_width)
+    fns = EnsembleFns(tr, m, impl_width, devices)
     keys = model_keys(0, ids)
     mk = jnp.asarray(masks)
     t = time.perf_counter()
@@ -96,8 +98,9 @@ def time_ensemble(tr, X, Y, masks, ids, epochs, impl_width) -> dict:
     fns.init = fns.init.lower(keys).compile()
     fns.epoch = fns.epoch.lower(states, X, Y, mk, keys, jnp.int32(0)).compile()
     compile_s = time.perf_counter() - t
+    timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, 1, fns=fns)[0])  # warm-up: first-call costs untimed
     _, t_run = timed(lambda: train_ensemble(tr, X, Y, masks, ids, 0, epochs, fns=fns)[0])
-    return {"compile_s": compile_s, "seconds": t_run, "models_per_s": m / t_run}
+    return {"compile_s": compile_s, "seconds": t_run, "models_per_s": m / t_run, "devices_used": len(fns.devices)}
 
 
 def bench(args) -> dict:
@@ -117,23 +120,32 @@ def bench(args) -> dict:
     X, Y = jnp.asarray(x), jnp.asarray(y)
     ids = np.arange(m)
     backend = jax.default_backend()
-    strat = default_strategy(recipe.model, backend, m)
+    local = jax.local_devices()
+    devs, strat = ensemble_layout(recipe.model, m, local)  # as train_run lays out a chunk of m models
+    nd = len(devs)
     impl = args.conv_impl or strat.conv_impl
     vw = args.vmap_width or strat.vmap_width
     device = str(jax.devices()[0].device_kind)
     res = {"backend": backend, "device": device, "model": recipe.model, "width": recipe.width,
            "dtype": recipe.dtype, "dataset": args.dataset, "n_train": int(len(y)), "models": m,
            "batch": recipe.batch_size, "epochs": recipe.epochs, "steps_per_epoch": spe,
-           "conv_impl": impl, "vmap_width": vw}
+           "conv_impl": impl, "vmap_width": vw, "devices": nd, "local_devices": len(local)}
 
-    # (a) the ensemble engine, at the chosen strategy and any others asked for
-    tried = [(impl, vw)] + [(s.split(":")[0], int(s.split(":")[1])) for s in args.strategies]
+    # (a) the ensemble engine, at the chosen strategy and any others asked for: IMPL:WIDTH[@DEVICES]
+    def parse(s):
+        layout, _, d = s.partition("@")
+        return layout.split(":")[0], int(layout.split(":")[1]), int(d or nd)
+
+    tried = [(impl, vw, nd)] + [parse(s) for s in args.strategies]
     strategies = {}
-    for si, sw in dict.fromkeys(tried):
+    for si, sw, sd in dict.fromkeys(tried):
+        if not 1 <= sd <= len(local) or m % sd:
+            raise SystemExit(f"strategy {si}:{sw}@{sd}: needs 1 <= devices <= {len(local)} dividing {m} models")
         tr = make_trainer(recipe, 10, x.shape[1:], mean, std, spe, si)
-        strategies[f"{si}:{sw}"] = time_ensemble(tr, X, Y, masks, ids, recipe.epochs, sw)
-        print(f"  ensemble {si}:{sw}: {strategies[f'{si}:{sw}']}", flush=True)
-    chosen = strategies[f"{impl}:{vw}"]
+        name = f"{si}:{sw}@{sd}"
+        strategies[name] = time_ensemble(tr, X, Y, masks, ids, recipe.epochs, sw, local[:sd])
+        print(f"  ensemble {name}: {strategies[name]}", flush=True)
+    chosen = strategies[f"{impl}:{vw}@{nd}"]
     res["strategies"] = strategies
     res["ensemble_compile_s"] = chosen["compile_s"]
     res["ensemble_s"] = chosen["seconds"]
@@ -194,11 +206,16 @@ def main(argv=None):
     p.add_argument("--loop-impls", nargs="+", default=["xla", "im2col"],
                    help="conv formulations the loop baselines try (the faster one is the baseline)")
     p.add_argument("--strategies", nargs="*", default=[],
-                   help="extra ensemble strategies to time, as IMPL:VMAP_WIDTH (e.g. xla:8 im2col:1)")
+                   help="extra ensemble strategies to time, as IMPL:VMAP_WIDTH[@DEVICES] (e.g. xla:8 im2col:1@2; "
+                        "VMAP_WIDTH is per device; DEVICES defaults to the chosen strategy's)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="XLA CPU devices for this process (as the CLI gives one per core; default: JAX's own)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak, for fraction_of_bf16_peak")
     p.add_argument("--conv-impl", default=None)
     p.add_argument("--vmap-width", type=int, default=None)
     args = p.parse_args(argv)
+    if args.cpu_devices:  # before JAX starts its backends
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     res = bench(args)
     print(json.dumps(res, indent=2))
     print(f"{res['model']} x{res['models']} on {res['backend']}: ensemble {res['ensemble_models_per_s']:.3f} models/s, "

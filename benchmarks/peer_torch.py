@@ -46,13 +46,11 @@ import sys
 import tempfile
 import time
 
+from jaxunlearn.cpu_devices import cpu_cores as cores  # imports no JAX: the torch workers stay JAX-free
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RECIPE = {"mlp": "digits-mlp", "cnn": "digits-cnn"}
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,24 +76,30 @@ def write_data(path: str, model: str, models: int, seed: int) -> dict:
 # workers (each its own process)
 
 def worker_ours(a) -> dict:
-    """Our engine as ``train_run`` lays it out (one chunk of K models), every epoch timed to completion."""
+    """Our engine as ``train_run`` lays it out (one chunk of K models, split across one CPU device per
+    core as the CLI does), every epoch timed to completion."""
     import jax
     import numpy as np
+
+    from jaxunlearn.cpu_devices import use_one_cpu_device_per_core
+
+    use_one_cpu_device_per_core()
 
     from jaxunlearn.data import load_digits
     from jaxunlearn.training.ensemble import EnsembleFns, model_keys
     from jaxunlearn.training.recipe import load_recipe
     from jaxunlearn.training.step import make_trainer
-    from jaxunlearn.training.strategy import default_strategy
+    from jaxunlearn.training.strategy import ensemble_layout
     from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
     d = load_digits()
     recipe = load_recipe(RECIPE[a.model])
     masks = random_subset_masks(d.n_train, a.models, 0.5, a.seed)
-    strat = default_strategy(recipe.model, jax.default_backend(), a.models)
+    devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())  # as train_run lays out a chunk
     trainer = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std,
                            steps_per_epoch(masks, recipe.batch_size), strat.conv_impl)
-    fns = EnsembleFns(trainer, a.models, min(strat.vmap_width, a.models))
+    width = strat.vmap_width
+    fns = EnsembleFns(trainer, a.models, width, devs)
     images, labels = jax.device_put(d.train_images), jax.device_put(d.train_labels)
     keys = model_keys(a.seed, np.arange(a.models))
     m = jax.device_put(masks)
@@ -109,7 +113,7 @@ def worker_ours(a) -> dict:
     logits = np.asarray(fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
     acc = float((logits.argmax(-1) == d.test_labels[None]).mean())
     return {"epoch_seconds": epochs, "test_accuracy": acc,
-            "layout": f"{strat.conv_impl}:{min(strat.vmap_width, a.models)}"}
+            "layout": f"{strat.conv_impl}:{width}@{len(devs)}"}
 
 
 def _torch_setup(a):

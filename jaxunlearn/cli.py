@@ -334,6 +334,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from jaxunlearn.compile_cache import enable_compile_cache, resolve_cache_dir
+        from jaxunlearn.cpu_devices import use_one_cpu_device_per_core
+
+        use_one_cpu_device_per_core()  # before JAX starts: the models axis split across the cores
 
         enable_compile_cache(resolve_cache_dir(getattr(args, "compile_cache", None),
                                                getattr(args, "no_compile_cache", False)))

@@ -299,19 +299,44 @@ def test_two_workers_on_one_folder_give_the_single_process_run(reference_run, tm
         assert "--worker" in capsys.readouterr().err
 
 
+def _two_device_cli(args):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.run([sys.executable, "-m", "jaxunlearn", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_two_local_devices_share_each_chunk_bit_identically(reference_run, tmp_path):
-    """The models axis of each chunk split across 2 (host-platform) devices: same margins as one device."""
+    """Chunks of 4 split across 2 (host-platform) devices, 2 vmapped models each, the reference's layout
+    (im2col, 2 at a time): the same margins as the one-device reference run in chunks of 2."""
     from jaxunlearn.training import load_run
 
     out = str(tmp_path / "run")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    r = subprocess.run([sys.executable, "-m", "jaxunlearn", *TRAIN, "--out", out], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    args = [*TRAIN, "--out", out, "--conv-impl", "im2col", "--vmap-width", "2"]
+    args[args.index("--chunk") + 1] = "4"
+    r = _two_device_cli(args)
     assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["devices"], cfg["chunk_resolved"], cfg["vmap_width_resolved"]) == (2, 4, 2)
     assert load_run(out)["margins"].tobytes() == load_run(reference_run)["margins"].tobytes()
-    r = subprocess.run([sys.executable, "-m", "jaxunlearn", *TRAIN, "--out", out, "--devices", "3"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = _two_device_cli([*TRAIN, "--out", out, "--devices", "3"])
     assert r.returncode == 2 and "--devices must lie in [1, 2]" in r.stderr
+
+
+def test_a_worker_keeps_the_layout_the_run_was_created_with(reference_run, tmp_path):
+    """Worker 0/2 creates the run on one device (im2col, 2 vmapped); worker 1/2 has 2 devices, whose own
+    default would be another conv formulation, 1 model per device: it trains its chunks in the stored
+    layout instead (a chunk of 2 at width 2 stays on one device), so the run equals the reference."""
+    from jaxunlearn.training import load_run
+    from jaxunlearn.training.strategy import default_strategy
+
+    assert default_strategy("cnn", "cpu", 2, 2).conv_impl != "im2col"  # what worker 1 would pick alone
+    out = str(tmp_path / "run")
+    assert main([*TRAIN, "--out", out, "--worker", "0/2"]) == 0
+    r = _two_device_cli([*TRAIN, "--out", out, "--worker", "1/2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["conv_impl"], cfg["vmap_width_resolved"], cfg["devices"]) == ("im2col", 2, 1)
+    assert load_run(out)["margins"].tobytes() == load_run(reference_run)["margins"].tobytes()
 
 
 def test_short_last_chunk_is_padded_into_the_same_program(reference_run, tmp_path):

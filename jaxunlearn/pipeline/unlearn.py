@@ -47,7 +47,7 @@ from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, lo
 from jaxunlearn.utils import save_npy_atomic, write_json_atomic
 from jaxunlearn.training.ensemble import EnsembleFns
 from jaxunlearn.training.step import make_trainer
-from jaxunlearn.training.strategy import default_strategy
+from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.memorization import accuracy_gaps, memorization, tug_of_war
 from jaxunlearn.metrics.mia import mia
@@ -326,7 +326,8 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         f"({attribution['models_fit']} models fit, {attribution['models_heldout']} held out)")
     oracles = train_oracles(cfg, data, forget, out, progress)
     k2, ds = cfg.full_models // 2, data.dataset
-    vmap_width = default_strategy(data.recipe.model, jax.default_backend(), k2).vmap_width
+    devs, strat = ensemble_layout(data.recipe.model, k2, jax.local_devices())
+    vmap_width = strat.vmap_width
     groups = {s: klom_groups(f, ds.n_train, ds.n_test) for s, f in forget.items()}
     return Experiment(
         cfg=cfg, dataset=ds, trainer=trainer, full=full,
@@ -336,7 +337,7 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images,
                          init=lambda key: tuple(trainer.init(key)[:2]), memorization=jnp.asarray(mem)),
         keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
-        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width, jax.local_devices()).logits, t0=t0)
+        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width, devs).logits, t0=t0)
 
 
 def noise_floor(exp: Experiment, spec: str) -> dict:

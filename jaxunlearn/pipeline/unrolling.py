@@ -36,7 +36,7 @@ from jaxunlearn.progress import Progress
 from jaxunlearn.training.ensemble import EnsembleFns, model_keys
 from jaxunlearn.training.recipe import load_recipe, recipe_from_fields
 from jaxunlearn.training.step import smoothed_cross_entropy, std_logit_penalty, make_trainer
-from jaxunlearn.training.strategy import default_strategy
+from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning.base import UnlearnData, unlearn_ensemble
 from jaxunlearn.unlearning.registry import METHODS, NEEDS_INIT, get_method, make_config
@@ -192,7 +192,7 @@ class Evaluator:
         base = cfg.base_recipe(cfg.recipe, cfg.dataset)
         tr = make_trainer(base, ds.num_classes, ds.image_shape, ds.mean, ds.std, 1)
         self.k, self.n_cls = k, ds.num_classes
-        self.width = min(default_strategy(base.model, jax.default_backend(), k).vmap_width, k)
+        self.width = ensemble_layout(base.model, k, jax.local_devices())[1].vmap_width  # per device
         self.init_params = lambda kk: tr.init(kk).params  # noqa: E731  (w_0 from a model key)
         self.data = UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), tr.apply_images,
                                 init=lambda kk: tuple(tr.init(kk)[:2]))
@@ -226,8 +226,8 @@ def run_setting(cfg: UnrollingConfig, ds, ev: Evaluator, forget, lr, batch_size,
     masks[k:, forget] = False  # the twins: same keys, F skipped
     spe = steps_per_epoch(masks, batch_size)
     trainer = make_trainer(recipe, ds.num_classes, ds.image_shape, ds.mean, ds.std, spe)
-    strat = default_strategy(recipe.model, jax.default_backend(), 2 * k)
-    fns = EnsembleFns(trainer, 2 * k, min(strat.vmap_width, 2 * k))
+    devs, strat = ensemble_layout(recipe.model, 2 * k, jax.local_devices())
+    fns = EnsembleFns(trainer, 2 * k, strat.vmap_width, devs)
     keys = model_keys(cfg.seed, np.concatenate([np.arange(k), np.arange(k)]))
     half = lambda tree, s: jax.tree.map(lambda t: t[s], tree)  # noqa: E731
     full_keys = keys[:k]

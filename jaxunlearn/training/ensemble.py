@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxunlearn.training.step import ModelState, Trainer
+from jaxunlearn.training.strategy import split_devices
 
 
 def _pad_models(xs, pad: int):
@@ -58,8 +59,12 @@ def models_mesh(devices) -> Mesh:
 
 def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicated: tuple[int, ...] = ()):
     """``fn`` mapped over the leading models axis of its arguments, that axis split evenly across
-    ``devices`` (each runs :func:`map_models` on its share); the arguments at positions
-    ``replicated`` (data, scalars) go whole to every device. ``n_models`` must divide."""
+    ``devices`` (each runs :func:`map_models` on its share, in vmaps of ``min(vmap_width, share)``
+    models); the arguments at positions ``replicated`` (data, scalars) go whole to every device.
+    ``n_models`` must divide. Every model runs the program it would run on one device whenever the
+    share is at least ``vmap_width`` (``strategy.split_devices`` picks such devices; then the bits are the
+    same whatever the device count); a smaller share runs in a narrower vmap rather than padding
+    each device up to the full width, which would multiply every device's work."""
     local = n_models // len(devices)
 
     def per_device(*args):
@@ -69,11 +74,7 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
             it = iter(model_args)
             return fn(*(args[i] if i in replicated else next(it) for i in range(len(args))))
 
-        # every model in a vmap of the one-device width (a share smaller than it is padded): bit-identical
-        width = min(vmap_width, n_models)
-        pad = max(0, width - local)
-        out = map_models(one, _pad_models(mapped, pad) if pad else mapped, width, local + pad)
-        return jax.tree.map(lambda a: a[:local], out) if pad else out
+        return map_models(one, mapped, vmap_width, local)
 
     def call(*args):
         specs = tuple(P() if i in replicated else P("models") for i in range(len(args)))
@@ -96,8 +97,7 @@ class EnsembleFns:
 
     def __init__(self, trainer: Trainer, n_models: int, vmap_width: int, devices=None):
         self.trainer = trainer
-        devices = list(devices or jax.local_devices()[:1])
-        self.devices = devices if len(devices) > 1 and n_models % len(devices) == 0 else devices[:1]
+        self.devices = split_devices(devices or jax.local_devices()[:1], n_models, vmap_width)
         if len(self.devices) > 1:
             over = lambda fn, replicated=(): over_devices(fn, self.devices, n_models, vmap_width, replicated)  # noqa: E731
             self.init = jax.jit(over(trainer.init), compiler_options=init_compiler_options(self.devices))

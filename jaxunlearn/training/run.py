@@ -43,7 +43,7 @@ from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
 from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
-from jaxunlearn.training.strategy import default_strategy
+from jaxunlearn.training.strategy import ensemble_layout, split_devices
 from jaxunlearn.utils import save_npy_atomic, write_json_atomic
 from jaxunlearn.training.subsets import random_subset_masks, retain_masks, steps_per_epoch
 
@@ -358,57 +358,70 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     complete run (an error lists the missing chunks otherwise).
 
     ``devices``: how many local devices share each chunk (default: all); a chunk's models axis is
-    split across them (``shard_map``), each running the measured per-device layout. Results are
-    bit-identical to one device: every model runs the same program either way.
-    """
+    split across them (``shard_map``), each running the measured per-device layout
+    (``strategy.ensemble_layout``). The layout (conv formulation, chunk size,
+    per-device vmap width) is fixed when the run is created and stored in config.json; every resume
+    and worker uses it, whatever its own device count, and its results are bit-identical to one
+    device running that layout (a chunk is split across only as many devices as keep each share at
+    least the vmap width: ``strategy.split_devices``)."""
     counter = CompileCounter()
     cfg.recipe.validate()
     if cfg.models < 1:
         raise JaxUnlearnError(f"models must be >= 1, got {cfg.models}")
     masks = make_masks(cfg, dataset.n_train)  # validates alpha / forget before anything is written
+    local = jax.local_devices()
+    if devices is not None and not 1 <= devices <= len(local):
+        raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
+    devs = local[:devices or len(local)]
     backend = jax.default_backend()
-    strat = default_strategy(cfg.recipe.model, backend, cfg.models)
-    conv_impl = cfg.conv_impl or strat.conv_impl
     spe = steps_per_epoch(masks, cfg.recipe.batch_size)
-    trainer = make_trainer(cfg.recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                           spe, conv_impl)
+    trainer_for = lambda impl: make_trainer(cfg.recipe, dataset.num_classes, dataset.image_shape,  # noqa: E731
+                                            dataset.mean, dataset.std, spe, impl)
     run_dict = {"format": FORMAT_VERSION, "run": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(),
                 "n_train": dataset.n_train, "n_test": dataset.n_test, "num_classes": dataset.num_classes,
-                "steps_per_epoch": spe, "conv_impl": conv_impl}
+                "steps_per_epoch": spe}
     resuming = _check_out(out, run_dict)
 
     # device_put, not jnp.asarray: the latter compiles a small program per shape
     images, labels = jax.device_put(dataset.train_images), jax.device_put(dataset.train_labels)
     all_images = jax.device_put(dataset.all_images)
-    local = jax.local_devices()
-    if devices is not None and not 1 <= devices <= len(local):
-        raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
-    devs = local[:devices or len(local)]
-    stored = {}  # the layout a run was created with is the run's: a resume or a later worker keeps it
+    # the layout a run was created with (conv formulation, chunk, vmap width) is the run's: a resume or a
+    # later worker keeps it, whatever its own device count, so every model runs the same program
+    stored = {}
     if resuming:
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
-        chunk = stored["chunk_resolved"]
+        conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
     else:
-        vw0 = cfg.vmap_width or strat.vmap_width
+        strat = ensemble_layout(cfg.recipe.model, cfg.models, devs)[1]
+        conv_impl = cfg.conv_impl or strat.conv_impl
         if cfg.chunk:
             chunk = cfg.chunk
         else:  # per device, times the devices; then as even as the same number of chunks allows
-            est = memory_estimate(trainer, dataset.image_shape, dataset.train_images.dtype, cfg.recipe.batch_size)
-            chunk = len(devs) * auto_chunk(est, dataset.n_train, vw0, -(-cfg.models // len(devs)))
+            est = memory_estimate(trainer_for(conv_impl), dataset.image_shape, dataset.train_images.dtype,
+                                  cfg.recipe.batch_size)
+            budget = int(0.5 * available_memory_bytes()) // (len(devs) if backend == "cpu" else 1)  # CPU: shared
+            chunk = len(devs) * auto_chunk(est, dataset.n_train, cfg.vmap_width or strat.vmap_width,
+                                           -(-cfg.models // len(devs)), budget)
             chunk = balanced_chunk(cfg.models, chunk, len(devs))
     chunk = max(1, min(int(chunk), cfg.models))
-    width_for = lambda c: min(cfg.vmap_width or default_strategy(cfg.recipe.model, backend, c).vmap_width, c)  # noqa: E731
-    run_dict.update(chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend)
+
+    def width_for(c: int) -> int:  # per device, for the devices a chunk of c models is split across
+        devs_c, strat_c = ensemble_layout(cfg.recipe.model, c, devs)
+        return min(cfg.vmap_width or strat_c.vmap_width, c // len(devs_c))
+
+    run_dict.update(conv_impl=conv_impl, chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend,
+                    devices=len(split_devices(devs, chunk, width_for(chunk))))
 
     chunks_dir = os.path.join(out, "chunks")
     os.makedirs(out, exist_ok=True)
-    # config.json first: the folder is a run from here on, and its chunk size is the run's
+    # config.json first: the folder is a run from here on, and its layout is the run's
     if not resuming and not _create_json_once(os.path.join(out, "config.json"), run_dict):
-        _check_out(out, run_dict)  # another worker created the run first: same config, and its chunk size
+        _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
-        chunk = stored["chunk_resolved"]
+        conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
+    trainer = trainer_for(conv_impl)
     vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
     os.makedirs(chunks_dir, exist_ok=True)
     save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy

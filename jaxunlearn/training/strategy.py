@@ -14,7 +14,30 @@ class Strategy:
     vmap_width: int  # models vmapped together inside one lax.map step
 
 
-def default_strategy(model: str, backend: str, n_models: int) -> Strategy:
+def split_devices(devices, n_models: int, vmap_width: int = 1) -> list:
+    """The devices ``n_models`` models are split across: the most of ``devices`` (a prefix) among
+    which the models divide evenly with a share of at least ``vmap_width`` each, so that every model
+    runs in a vmap of the same width whatever the device count (and no device pads its share up)."""
+    devices = list(devices)
+    n = next(d for d in range(len(devices), 0, -1) if d == 1 or (n_models % d == 0 and n_models // d >= vmap_width))
+    return devices[:n]
+
+
+def ensemble_layout(model: str, n_models: int, devices) -> tuple[list, Strategy]:
+    """The devices ``n_models`` models are split across (:func:`split_devices`) and the measured
+    layout on each (:func:`default_strategy` for that many; ``vmap_width`` at most a device's share)."""
+    devs = split_devices(devices, n_models)
+    s = default_strategy(model, devs[0].platform, n_models, len(devs))
+    return devs, dataclasses.replace(s, vmap_width=min(s.vmap_width, n_models // len(devs)))
+
+
+def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1) -> Strategy:
+    """The measured layout for ``n_models`` models split across ``n_devices`` devices; ``vmap_width``
+    is per device (at most its share of the models)."""
+    share = max(1, n_models // n_devices)
+    if backend == "cpu" and n_devices > 1:
+        return _cpu_per_core(model, share)
+    n_models = share
     if model == "mlp":
         # dense layers batch well; on CPU 16 at a time beat 512 at once (18.0 vs 12.9 models/s, digits)
         return Strategy("xla", min(n_models, 16) if backend == "cpu" else n_models)
@@ -26,3 +49,14 @@ def default_strategy(model: str, backend: str, n_models: int) -> Strategy:
     # GPU: one model at a time with cuDNN convs, measured on an H100 (ResNet-9, 5.01 vs 2.98 model-epochs/s
     # for vmapping 8 into grouped convs; benchmarks/RESULTS.md)
     return Strategy("xla", 1)
+
+
+def _cpu_per_core(model: str, share: int) -> Strategy:
+    """One XLA CPU device per core (``jaxunlearn.cpu_devices``), measured on this 2-core machine
+    (``benchmarks/RESULTS.md``, "One CPU device per core"): each device's programs now run on a core
+    of their own, and a single model's XLA convolution (with the canonical-layout backward) fills it
+    better than im2col for the small digits CNN; ResNet-9 keeps im2col, one model at a time; MLPs
+    vmap 4 at a time per device (0.050 s/epoch for 64 digits MLPs, 8: 0.056, 16: 0.059)."""
+    if model == "mlp":
+        return Strategy("xla", min(share, 4))
+    return Strategy("xla_canonical" if model == "cnn" else "im2col", 1)

@@ -26,6 +26,7 @@ from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training.ensemble import map_models, over_devices
+from jaxunlearn.training.strategy import split_devices
 from jaxunlearn.utils import check_indices
 
 
@@ -61,13 +62,13 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
     return forget_idx, retain_idx
 
 
-def model_devices(devices, k: int) -> tuple:
-    """The devices K models are split across: ``devices`` (default: every local device) when K
-    divides among them, else the first one."""
+def model_devices(devices, k: int, vmap_width: int | None = None) -> tuple:
+    """The devices K models are split across (``training.strategy.split_devices``; default: every
+    local device): as many as share K evenly, each at least ``vmap_width`` models (None: any share)."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     if not devices:
         raise JaxUnlearnError("no devices given")
-    return devices if len(devices) > 1 and k % len(devices) == 0 else devices[:1]
+    return tuple(split_devices(devices, k, vmap_width or 1))
 
 
 def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
@@ -79,12 +80,12 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
     of training, :func:`jaxunlearn.training.ensemble.map_models`; None: all K vmapped; 1: one model
     at a time; ``training.strategy.default_strategy`` has the measured choice per model and backend).
     ``devices``: the K models are split across them (``shard_map`` over a "models" mesh, data
-    replicated, each device running that layout on its share; default every local device when K
-    divides among them), bit-identical to one device.
+    replicated, each device running that layout on its share; default as many local devices as
+    share K evenly with at least ``vmap_width`` models each), bit-identical to one device.
     Returns stacked params, model states and cost f32[K].
     """
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
-    devs = model_devices(devices, keys.shape[0])
+    devs = model_devices(devices, keys.shape[0], vmap_width)
     return _unlearn_jit(method, config, vmap_width, devs, params, model_state, data, forget_idx, retain_idx, targets,
                         keys)
 
@@ -100,7 +101,7 @@ def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forge
     cost f32[K]) stacked over K.
     """
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
-    devs = model_devices(devices, keys.shape[0])
+    devs = model_devices(devices, keys.shape[0], vmap_width)
     groups: dict = {}
     for i, c in enumerate(configs):
         groups.setdefault(jax.tree.structure(c), []).append(i)

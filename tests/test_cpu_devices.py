@@ -1,0 +1,80 @@
+"""One XLA CPU device per core (the CLI's default on a CPU), and how models are split across devices."""
+import json
+import os
+import subprocess
+import sys
+
+from jaxunlearn.cpu_devices import cpu_cores
+from jaxunlearn.training.strategy import default_strategy, split_devices
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = """
+import jax
+from jaxunlearn.cpu_devices import use_one_cpu_device_per_core
+n = use_one_cpu_device_per_core()
+print(n, len(jax.devices()), use_one_cpu_device_per_core())
+"""
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _probe(**extra):
+    r = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=_clean_env(**extra), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+
+def test_one_cpu_device_per_core_unless_the_user_chose():
+    cores = cpu_cores()
+    # a second call, with JAX running, changes nothing
+    assert _probe() == ([str(cores), str(cores), "None"] if cores > 1 else ["None", "1", "None"])
+    assert _probe(JAX_NUM_CPU_DEVICES="1") == ["None", "1", "None"]
+    assert _probe(XLA_FLAGS="--xla_force_host_platform_device_count=3") == ["None", "3", "None"]
+
+
+def test_the_cli_trains_across_the_cores(tmp_path):
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "jaxunlearn", "train", "--dataset", "digits", "--models", "4",
+                        "--epochs", "1", "--no-progress", "--no-compile-cache", "--out", out], cwd=REPO,
+                       env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["devices"] == min(cpu_cores(), 4) if 4 % min(cpu_cores(), 4) == 0 else 1
+    assert cfg["vmap_width_resolved"] == 4 // cfg["devices"]  # the MLP: a device's whole share at once
+
+
+def test_split_devices_keeps_each_share_at_least_the_vmap_width():
+    devs = ["d0", "d1", "d2", "d3"]
+    assert split_devices(devs, 8) == devs
+    assert split_devices(devs, 8, 2) == devs
+    assert split_devices(devs, 8, 4) == devs[:2]  # 4 devices would leave 2 models each, below the width
+    assert split_devices(devs, 6) == devs[:3]  # 6 models do not divide among 4
+    assert split_devices(devs, 5) == devs[:1]
+    assert split_devices(devs, 2, 2) == devs[:1]
+    assert split_devices(devs[:1], 7, 16) == devs[:1]
+
+
+def test_default_layout_per_device_count():
+    assert default_strategy("mlp", "cpu", 64).vmap_width == 16
+    assert default_strategy("mlp", "cpu", 64, 2).vmap_width == 4  # per device
+    assert default_strategy("mlp", "gpu", 64, 2).vmap_width == 32  # a GPU vmaps its whole share
+    assert default_strategy("cnn", "cpu", 64).conv_impl == "im2col"
+    assert (default_strategy("cnn", "cpu", 64, 2).conv_impl, default_strategy("cnn", "cpu", 64, 2).vmap_width) == \
+        ("xla_canonical", 1)
+    assert default_strategy("resnet9", "cpu", 8, 2).conv_impl == "im2col"
+    assert default_strategy("resnet9", "gpu", 8, 2).conv_impl == "xla"
+
+
+def test_ensemble_layout_clips_the_width_to_a_share():
+    import jax
+
+    from jaxunlearn.training.strategy import Strategy, ensemble_layout
+
+    devs, strat = ensemble_layout("mlp", 64, jax.devices()[:1])
+    assert devs == jax.devices()[:1] and strat == Strategy("xla", 16)
+    assert ensemble_layout("cnn", 3, jax.devices()[:1])[1] == Strategy("im2col", 3)
