@@ -42,3 +42,20 @@ def save_npy_atomic(path: str, array) -> None:
     tmp = _private_tmp(path) + ".npy"
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def save_npz_atomic(path: str, arrays: dict) -> None:
+    """``np.savez`` of ``arrays`` (name -> array) to ``path``, whole or not at all."""
+    tmp = _private_tmp(path) + ".npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def save_figure_atomic(fig, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure saved as ``path`` (PNG), whole or not at all, then closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = _private_tmp(path) + ".png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -100,6 +100,13 @@ def channel_scores(score, reduce: str = "topk", topk_fraction: float = 0.1):
     return jnp.broadcast_to(s, score.shape)
 
 
+def descending_ranks(flat):
+    """Each entry's rank in descending order, ties broken by position (lower index first):
+    f32[n] -> i32[n], 0 for the largest."""
+    order = jnp.argsort(-flat, stable=True)
+    return jnp.zeros(flat.shape[0], jnp.int32).at[order].set(jnp.arange(flat.shape[0], dtype=jnp.int32))
+
+
 def top_fraction(scores, fraction, rounding: str = "floor"):
     """True for the globally top-scoring ``fraction`` of all entries of a pytree: exactly
     floor(fraction · n) of them, the product taken in float32 (``rounding="round"``: round), ties
@@ -109,9 +116,7 @@ def top_fraction(scores, fraction, rounding: str = "floor"):
     n = flat.shape[0]
     want = jnp.asarray(fraction, jnp.float32) * n
     k = jnp.round(want) if rounding == "round" else jnp.floor(want)  # f32 product: exact for n < 2**24 / 8
-    order = jnp.argsort(-flat, stable=True)
-    ranks = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    keep = ranks < k
+    keep = descending_ranks(flat) < k
     parts, start = [], 0
     for x in leaves:
         parts.append(keep[start:start + x.size].reshape(x.shape))

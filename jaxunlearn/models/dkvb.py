@@ -121,12 +121,12 @@ def nearest_keys(z, keys, key_mask=None):
 
 
 def _blocked(fn, features, block: int):
-    """fn(f32[b, D]) -> f32|i32[C, b, ...] over point blocks of ``features`` f32[N, D]; -> [C, N, ...]."""
+    """fn(f32[b, ...]) -> f32|i32[C, b, ...] over point blocks of ``features`` f32[N, ...]; -> [C, N, ...]."""
     n = features.shape[0]
     b = max(1, min(block, n))
     pad = (-n) % b
-    x = jnp.concatenate([features, jnp.zeros((pad, features.shape[1]), features.dtype)]) if pad else features
-    out = lax.map(fn, x.reshape(-1, b, x.shape[1]))  # [blocks, C, b, ...]
+    x = jnp.concatenate([features, jnp.zeros((pad, *features.shape[1:]), features.dtype)]) if pad else features
+    out = lax.map(fn, x.reshape(-1, b, *x.shape[1:]))  # [blocks, C, b, ...]
     out = jnp.moveaxis(out, 0, 1)
     return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :n]
 
@@ -242,7 +242,8 @@ def train_head(key, features, labels, weights, num_classes: int, config: DKVBCon
     threshold = config.threshold_factor * config.batch_size / config.pairs
     keys = init_keys(ke, z, init_idx, config.pairs, config.decay, config.eps, threshold)
     mask = jnp.zeros((c, config.pairs), bool)
-    idx = _blocked(lambda f: nearest_keys(project(proj, f), keys), features, config.point_batch)
+    # the projections z again, not recomputed: points first for _blocked, codebooks first for nearest_keys
+    idx = _blocked(lambda zb: nearest_keys(jnp.swapaxes(zb, 0, 1), keys), jnp.swapaxes(z, 0, 1), config.point_batch)
     values = jnp.zeros((c, config.pairs, num_classes), jnp.float32)
     values = train_values(values, idx, labels, weights, jax.random.fold_in(key, 2), config)
     return DKVBHead(proj, keys, values, mask)

@@ -19,7 +19,10 @@ def _setting_value(key: str, value, current):
                                                   for v in value):
             raise JaxUnlearnError(f"--set {key}: expected a list such as [\"a\", \"b\"] or [1, 2], got {value!r}")
         return tuple(value)
-    if isinstance(current, bool) or (isinstance(current, int) and key != "epochs" and key != "chunk"):
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise JaxUnlearnError(f"--set {key}: expected true or false, got {value!r}")
+    elif isinstance(current, int) and key != "epochs" and key != "chunk":
         if not isinstance(value, int) or isinstance(value, bool):
             raise JaxUnlearnError(f"--set {key}: expected an integer, got {value!r}")
     elif isinstance(current, float):
@@ -97,12 +100,7 @@ def set_fields(cfg, items, what: str, dict_fields=()):
             changes[parts[0]] = d
         elif len(parts) == 1 and key in fields and key not in dict_fields:
             current = getattr(cfg, key)
-            if isinstance(current, bool):
-                if not isinstance(value, bool):
-                    raise JaxUnlearnError(f"--set {key}: expected true or false, got {value!r}")
-                changes[key] = value
-            else:
-                changes[key] = value if current is None else _setting_value(key, value, current)
+            changes[key] = value if current is None else _setting_value(key, value, current)
         else:
             raise JaxUnlearnError(f"--set {key!r}: not a {what} setting; choose from {', '.join(fields)}"
                                   + "".join(f", {d}.NAME" for d in dict_fields))

@@ -35,7 +35,7 @@ from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.models.dkvb import DKVBConfig, DKVBHead, dkvb_logits, head_flops, train_heads
 from jaxunlearn.pipeline.config import read_json_config, set_fields
 from jaxunlearn.unlearning.dkvb import check_sweep, sweep_heads
-from jaxunlearn.utils import write_json_atomic
+from jaxunlearn.utils import save_figure_atomic, save_npz_atomic, write_json_atomic
 
 FORMAT = 1
 _HEAD_FIELDS = ("num_codebooks", "pairs", "dim_key", "decay", "init_epochs", "threshold_factor", "lr",
@@ -202,12 +202,6 @@ def klom_rows(oracle_logits, logits, labels, n_train: int, forget_class: int) ->
 
 # --------------------------------------------------------------------------------------------- storage
 
-def _save_tree(path: str, tree: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in tree.items()})
-    os.replace(tmp, path)
-
-
 def _cached(path: str, build: Callable, log) -> dict:
     if os.path.isfile(path):
         try:
@@ -216,7 +210,7 @@ def _cached(path: str, build: Callable, log) -> dict:
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
             log(f"{path} is damaged; rebuilding it")
     tree = build()
-    _save_tree(path, tree)
+    save_npz_atomic(path, tree)
     return {k: jnp.asarray(v) for k, v in tree.items()}
 
 
@@ -384,14 +378,16 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
              "gradient_evaluations": int(hc.epochs * (n - n_f)), "flops": None})
         for algo, ns in (("activations", cfg.n_a), ("examples", cfg.n_e)):
             check_sweep(full, f_feats, ns, algo)
-            swept = sweep_heads(full, f_feats, jnp.asarray(ns, jnp.int32), algo, cfg.per_codebook)
+            swept = sweep_heads(full, f_feats, jnp.asarray(ns, jnp.int32), algo, cfg.per_codebook)  # [G, M, ...]
+            # every (N, head) pair's logits in one call, and each N's masked fraction in one host copy
+            logits = np.asarray(_dkvb_all_logits(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), swept), ef))
+            logits = logits.reshape(len(ns), -1, *logits.shape[1:])
+            masked = np.asarray(swept.key_mask).reshape(len(ns), -1).mean(1)
             for g, nv in enumerate(ns):
-                hg = jax.tree.map(lambda x: x[g], swept)
                 passes = n_f if algo == "activations" else min(nv, n_f)
-                masked = float(np.asarray(hg.key_mask).mean())
-                add(f"dkvb {algo}", {"N": int(nv)}, np.asarray(_dkvb_all_logits(hg, ef)), o_logits,
+                add(f"dkvb {algo}", {"N": int(nv)}, logits[g], o_logits,
                     {"backbone_forward_passes": passes, "head_forward_passes": passes, "gradient_evaluations": 0,
-                     "flops": passes * ((bb or 0.0) + hf)}, {"masked_fraction": masked})
+                     "flops": passes * ((bb or 0.0) + hf)}, {"masked_fraction": float(masked[g])})
         add("linear (before)", None, np.asarray(lin_logits_fn(lin_full, ef)), lo_logits, base_cost)
         add("linear oracle (retrained head)", None, lo_logits, lo_logits,
             {"backbone_forward_passes": n, "head_forward_passes": 0,
@@ -502,10 +498,7 @@ def plot(results: dict, path: str) -> None:
                  f"({results['config']['num_codebooks']} codebooks x {results['config']['pairs']} pairs, "
                  f"{results['config']['heads']} heads)")
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def results_table(results: dict) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import save_figure_atomic
 
 HIGHLIGHT = {"dmm": ("tab:red", "*", 260), "oracle-matching": ("tab:purple", "P", 180)}
 MARKERS = "osD^v<>ph"
@@ -91,10 +92,7 @@ def pareto_plot(res: dict, path: str) -> None:
     fig.suptitle(f"Unlearning: KLoM vs compute (lower-left is better) — datamodel LDS {lds_note}; "
                  f"DM-Direct/DMM effects: {effects}")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def _key(r: dict) -> str:

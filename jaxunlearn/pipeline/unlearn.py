@@ -298,8 +298,8 @@ def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress
         full = load_run(full_dir)
         mem = cached_memorization(dm_dir, data.dataset.train_labels, os.path.join(out, "datamodel-fits"))
         forget = make_forget_sets(cfg, data.dataset, trainer_for_run(full, data.dataset), load_models(full_dir), mem)
-    else:
-        forget = {s: make_forget_set(s, data.dataset.train_labels, seed=cfg.seed) for s in cfg.forget_sets}
+    else:  # none of them needs a trained model
+        forget = make_forget_sets(cfg, data.dataset, None, None)
     done = train_oracles(cfg, data, forget, out, progress, worker)
     return base_done and all(done.values())
 

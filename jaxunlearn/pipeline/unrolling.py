@@ -41,7 +41,7 @@ from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning.base import UnlearnData, unlearn_ensemble
 from jaxunlearn.unlearning.registry import METHODS, NEEDS_INIT, get_method, make_config
 from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
-from jaxunlearn.utils import write_json_atomic
+from jaxunlearn.utils import save_figure_atomic, write_json_atomic
 
 DEFAULT_RECIPES = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9"}
 
@@ -328,8 +328,7 @@ def plot(cells: list[dict], summary: dict, out: str) -> None:
                title=f"{m}: Pearson {fmt(r['pearson'])}, Spearman {fmt(r['spearman'])}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, os.path.join(out, "unlearning_vs_verification.png"))
-    plt.close(fig)
+    save_figure_atomic(fig, os.path.join(out, "unlearning_vs_verification.png"))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [float(v) for v in summary["sd_loss"]]
@@ -344,14 +343,7 @@ def plot(cells: list[dict], summary: dict, out: str) -> None:
     a2.set(xscale="log", xlabel="SD loss λ", ylabel="mean test accuracy (%)", title="test accuracy vs SD loss λ")
     a2.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, os.path.join(out, "sd_loss.png"))
-    plt.close(fig)
-
-
-def _save(fig, path):
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, os.path.join(out, "sd_loss.png"))
 
 
 def run_unrolling(cfg: UnrollingConfig, out: str, progress: bool = True) -> dict:

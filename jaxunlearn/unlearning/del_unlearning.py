@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization.masks import MaskConfig, del_mask
 from jaxunlearn.unlearning.finetune import (SGDConfig, both_masks, model_ce, retain_count, retain_sample, run_finetune,
-                                            select_update, steps_for)
+                                            select_update, sgd, steps_for)
 
 
 class DELConfig(SGDConfig, MaskConfig):
@@ -70,9 +69,7 @@ def del_unlearning(params, model_state, data, forget_idx, retain_idx, targets, k
     update = with_head(mask) if config.train_head else mask
     r = retain_count(config.retain_per_epoch, retain_idx.shape[0])
     steps = steps_for(r, config.batch_size)
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(epoch_cosine(config.lr, config.lr_floor, config.epochs, steps),
-                               momentum=config.momentum or None))
+    tx = sgd(config, config.epochs * steps, epoch_cosine(config.lr, config.lr_floor, config.epochs, steps))
     params, model_state, cost = run_finetune(params, model_state, config, lambda k: retain_sample(retain_idx, k, r),
                                              r, lambda p, s, idx, k: model_ce(data, p, s, idx), k_tune, tx,
                                              both_masks(update, data.update_mask))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.localization.masks import descending_ranks
 from jaxunlearn.models.dkvb import DKVBHead, check_features, head_flops, select
 
 
@@ -39,9 +40,7 @@ def selection_counts(head: DKVBHead, features, weights=None, block: int = 512):
 def _top_mask(counts, n):
     """bool like counts: the ``n`` largest entries (ties: lower index first) among entries > 0."""
     flat = counts.reshape(-1)
-    order = jnp.argsort(-flat, stable=True)
-    rank = jnp.zeros(flat.shape[0], jnp.int32).at[order].set(jnp.arange(flat.shape[0], dtype=jnp.int32))
-    return ((rank < n) & (flat > 0)).reshape(counts.shape)
+    return ((descending_ranks(flat) < n) & (flat > 0)).reshape(counts.shape)
 
 
 @partial(jax.jit, static_argnames=("per_codebook", "block"))

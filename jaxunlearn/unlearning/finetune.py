@@ -28,9 +28,10 @@ class SGDConfig(struct.PyTreeNode):
     momentum: float = struct.field(pytree_node=False, default=0.9)
 
 
-def sgd(cfg: SGDConfig, total_steps: int) -> optax.GradientTransformation:
-    """SGD with momentum, coupled weight decay and a linear decay of the lr to 0."""
-    schedule = optax.linear_schedule(cfg.lr, 0.0, max(1, total_steps))
+def sgd(cfg: SGDConfig, total_steps: int, schedule: Callable | None = None) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay; the lr follows ``schedule`` (default: a linear
+    decay from ``cfg.lr`` to 0 over ``total_steps``)."""
+    schedule = schedule or optax.linear_schedule(cfg.lr, 0.0, max(1, total_steps))
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(schedule, momentum=cfg.momentum or None))
 

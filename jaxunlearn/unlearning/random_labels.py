@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxunlearn.unlearning.finetune import SGDConfig, both_masks, model_ce, paired_batches, run_sgd
+from jaxunlearn.unlearning.finetune import SGDConfig, model_ce, paired_batches, run_sgd
 
 
 class RandomLabelsConfig(SGDConfig):
@@ -37,15 +37,11 @@ def num_classes_of(data, params, model_state) -> int:
     return jax.eval_shape(lambda p, s: data.apply(p, s, data.images[:1], False)[0], params, model_state).shape[-1]
 
 
-def run_random_labels(params, model_state, data, forget_idx, retain_idx, key, config, update_mask=None):
-    """Random-label fine-tuning restricted to ``update_mask`` and ``data.update_mask`` (both)."""
+def random_labels(params, model_state, data, forget_idx, retain_idx, targets, key, config: RandomLabelsConfig):
+    """Random-label fine-tuning; only the weights in ``data.update_mask`` move (all when None)."""
     batches, steps, per_epoch = paired_batches(forget_idx, retain_idx, config.retain_per_epoch,
                                                config.batch_size, config.forget_batch_size)
     loss = random_label_loss(data, num_classes_of(data, params, model_state))
     params, model_state, _ = run_sgd(params, model_state, config, batches, steps, loss, key,
-                                     update_mask=both_masks(update_mask, data.update_mask))
+                                     update_mask=data.update_mask)
     return params, model_state, jnp.float32(config.epochs * per_epoch)
-
-
-def random_labels(params, model_state, data, forget_idx, retain_idx, targets, key, config: RandomLabelsConfig):
-    return run_random_labels(params, model_state, data, forget_idx, retain_idx, key, config)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxunlearn.localization.masks import forget_gradient, top_fraction
-from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, run_random_labels
+from jaxunlearn.unlearning.finetune import both_masks
+from jaxunlearn.unlearning.random_labels import RandomLabelsConfig, random_labels
 
 
 class SalUnConfig(RandomLabelsConfig):
@@ -27,6 +28,6 @@ def salun_mask(grads, fraction: float):
 def salun(params, model_state, data, forget_idx, retain_idx, targets, key, config: SalUnConfig):
     grads = forget_gradient(params, model_state, data, forget_idx, config.batch_size)
     mask = salun_mask(grads, config.saliency_fraction)
-    params, model_state, cost = run_random_labels(params, model_state, data, forget_idx, retain_idx, key,
-                                                  config, update_mask=mask)
+    data = data.replace(update_mask=both_masks(mask, data.update_mask))  # with any mask the caller set
+    params, model_state, cost = random_labels(params, model_state, data, forget_idx, retain_idx, targets, key, config)
     return params, model_state, cost + jnp.float32(forget_idx.shape[0])
