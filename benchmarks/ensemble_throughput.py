@@ -91,8 +91,8 @@ def time_ensemble(tr, X, Y, masks, ids, epochs, impl_width, devices) -> dict:
     then times ``epochs`` epochs, the models split across ``devices``."""
     m = int(masks.shape[0])
     fns = EnsembleFns(tr, m, impl_width, devices)
-    keys = model_keys(0, ids)
-    mk = jnp.asarray(masks)
+    keys = model_keys(0, ids, fns.models_sharding)
+    mk = jax.device_put(np.asarray(masks), fns.models_sharding)
     t = time.perf_counter()
     states = jax.eval_shape(fns.init, keys)
     fns.init = fns.init.lower(keys).compile()

@@ -101,8 +101,8 @@ def worker_ours(a) -> dict:
     width = strat.vmap_width
     fns = EnsembleFns(trainer, a.models, width, devs)
     images, labels = jax.device_put(d.train_images), jax.device_put(d.train_labels)
-    keys = model_keys(a.seed, np.arange(a.models))
-    m = jax.device_put(masks)
+    keys = model_keys(a.seed, np.arange(a.models), fns.models_sharding)
+    m = jax.device_put(masks, fns.models_sharding)
     states = jax.block_until_ready(fns.init(keys))
     epochs = []
     for e in range(recipe.epochs):

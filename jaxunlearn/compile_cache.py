@@ -158,3 +158,28 @@ def enable_compile_cache(path: str | None) -> str | None:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()
     return path
+
+
+def remembered(kind: str, key: dict, compute):
+    """``compute()`` (a JSON-able result), remembered in the compilation cache folder under ``kind``
+    and a hash of ``key`` (with JAX's version), so a warm process skips the tracing it costs; computed
+    every time when the cache is off. Entries are written whole (renamed into place)."""
+    import hashlib
+    import json
+
+    from jaxunlearn.utils import write_json_atomic
+
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder:
+        return compute()
+    digest = hashlib.sha256(json.dumps({**key, "jax": jax.__version__}, sort_keys=True).encode()).hexdigest()
+    path = os.path.join(folder, "jaxunlearn", f"{kind}-{digest[:32]}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent (or unreadable): compute it again
+        pass
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, value)
+    return value
