@@ -98,7 +98,7 @@ class EnsembleFns:
     the models axis split across ``devices`` (default: the first device only)."""
 
     def __init__(self, trainer: Trainer, n_models: int, vmap_width: int, devices=None):
-        self.trainer, self.n_models = trainer, n_models
+        self.trainer = trainer
         self.devices = split_devices(devices or jax.local_devices()[:1], n_models, vmap_width)
         # where per-model inputs (keys, masks) go straight from the host: already split as the programs
         # take them (a one-device array would be re-sliced across the devices by a compiled program);
@@ -121,24 +121,6 @@ class EnsembleFns:
         self.epoch = jax.jit(epoch, donate_argnums=0)
         self.logits = jax.jit(lambda params, stats, images: mm(
             lambda a: trainer.logits(a[0], a[1], images), (params, stats)))
-
-    def compile_all(self, images, labels, eval_images) -> None:
-        """Compiles init, epoch and logits for these data arrays (and per-model keys and masks as
-        :func:`train_ensemble` places them) side by side in threads, and keeps the executables.
-        XLA compiles outside Python's lock, so on a CPU with cores to spare the three programs
-        cost about the time of the largest (cold: 1.5 -> 0.9 s for 64 digits MLPs on 2 cores);
-        later calls must match these shapes."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        on_models = lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=self.models_sharding)  # noqa: E731
-        keys = on_models(jax.eval_shape(lambda: jax.random.split(jax.random.key(0), self.n_models)))
-        masks = on_models(jax.ShapeDtypeStruct((self.n_models, labels.shape[0]), jnp.bool_))
-        states = jax.tree.map(on_models, jax.eval_shape(self.init, keys))
-        lowered = [self.init.lower(keys),
-                   self.epoch.lower(states, images, labels, masks, keys, np.int32(0)),
-                   self.logits.lower(states.params, states.batch_stats, eval_images)]
-        with ThreadPoolExecutor(len(lowered)) as pool:
-            self.init, self.epoch, self.logits = pool.map(lambda low: low.compile(), lowered)
 
 
 def train_ensemble(trainer: Trainer, images, labels, masks, model_ids, seed: int, epochs: int,

@@ -451,7 +451,6 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     fns = EnsembleFns(trainer, chunk, vmap_width, devs)
     t0 = time.time()
     trained = 0
-    compiled = False
     for c in mine:
         ids = np.arange(c * chunk, min(cfg.models, (c + 1) * chunk))
         final = os.path.join(chunks_dir, f"{c:05d}")
@@ -459,9 +458,6 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             if progress:
                 progress(float(ids[-1] + 1), cfg.models)
             continue
-        if not compiled:  # the run's three programs at once, before the first chunk that needs them
-            fns.compile_all(images, labels, all_images)
-            compiled = True
         k = len(ids)
         run_ids = np.concatenate([ids, np.full(chunk - k, ids[-1])])
         cb = (lambda e, m: progress(ids[0] + k * (e + 1) / cfg.recipe.epochs, cfg.models)) if progress else None
