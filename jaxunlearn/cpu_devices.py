@@ -1,11 +1,11 @@
 """One XLA CPU device per core: how the CLI runs ensembles on a CPU.
 
 XLA's CPU client exposes one device, and on it the small batched matmuls and convolutions of an
-ensemble step keep about one core busy (``benchmarks/cpu_matmul_probe.py``: a vmapped digits-MLP
-matmul runs at the same rate on one core as on two). Split into one device per core, the models
-axis of a chunk is shared across them like across GPUs (``training.ensemble.over_devices``), and
-each device's program runs on its own core: digits MLP x64 2.0x, digits CNN x64 1.8x per epoch on
-this 2-core machine (``benchmarks/RESULTS.md``, "One CPU device per core").
+ensemble step keep about one core busy (a vmapped digits-MLP matmul ran as fast pinned to one core
+as on two). Split into one device per core, the models axis of a chunk is shared across them like
+across GPUs (``training.ensemble.over_devices``), and each device's program runs on its own core:
+digits MLP x64 2.1x, digits CNN x64 1.7x the models/s of one device on this 2-core machine
+(``benchmarks/RESULTS.md``, "One CPU device per core").
 
 The CLI calls :func:`use_one_cpu_device_per_core` before JAX starts. A library user does the same
 in their own script (before any JAX operation), or sets ``JAX_NUM_CPU_DEVICES`` /
