@@ -55,3 +55,27 @@ def test_unwritable_cache_folder_is_one_clear_error(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main([*SMALL, "--out", str(tmp_path / "o"), "--compile-cache", str(blocker / "jax")]) == 2
     assert "compile cache folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_remembered_value_is_computed_once_per_key_and_always_when_the_cache_is_off(tmp_path):
+    from jaxunlearn.compile_cache import enable_compile_cache, remembered
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"state": 123, "step": 456}
+
+    enable_compile_cache(str(tmp_path / "cache"))
+    try:
+        assert remembered("memory-estimate", {"a": 1}, compute) == {"state": 123, "step": 456}
+        assert remembered("memory-estimate", {"a": 1}, compute) == {"state": 123, "step": 456}
+        assert len(calls) == 1  # the second came from the folder
+        remembered("memory-estimate", {"a": 2}, compute)  # another key: computed
+        assert len(calls) == 2
+        files = os.listdir(tmp_path / "cache" / "jaxunlearn")
+        assert len(files) == 2 and all(f.startswith("memory-estimate-") for f in files)
+    finally:
+        enable_compile_cache(None)
+    remembered("memory-estimate", {"a": 1}, compute)
+    assert len(calls) == 3  # cache off: computed every time
