@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -305,19 +306,40 @@ def _two_device_cli(args):
                           text=True, timeout=600)
 
 
+LOAD_MODELS = """
+import sys, jax, numpy as np
+from jaxunlearn.pipeline.unlearn import load_models
+v = load_models(sys.argv[1])
+np.save(sys.argv[2], np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(v)]))
+print(len(jax.devices()))
+"""
+
+
 def test_two_local_devices_share_each_chunk_bit_identically(reference_run, tmp_path):
-    """Chunks of 4 split across 2 (host-platform) devices, 2 vmapped models each, the reference's layout
-    (im2col, 2 at a time): the same margins as the one-device reference run in chunks of 2."""
+    """6 models in chunks of 4 split across 2 (host-platform) devices, 2 vmapped models each, the
+    reference's layout (im2col, 2 at a time): the same margins as the one-device reference run in
+    chunks of 2. The checkpoints (a full chunk and a padded short one) load the same on 1 device and
+    on 2: they record no devices."""
+    from jaxunlearn.pipeline.unlearn import load_models
     from jaxunlearn.training import load_run
 
     out = str(tmp_path / "run")
     args = [*TRAIN, "--out", out, "--conv-impl", "im2col", "--vmap-width", "2"]
     args[args.index("--chunk") + 1] = "4"
+    args[args.index("--models") + 1] = "6"
     r = _two_device_cli(args)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert (cfg["devices"], cfg["chunk_resolved"], cfg["vmap_width_resolved"]) == (2, 4, 2)
-    assert load_run(out)["margins"].tobytes() == load_run(reference_run)["margins"].tobytes()
+    assert load_run(out)["margins"].tobytes() == load_run(reference_run)["margins"][:6].tobytes()
+    one = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(load_models(out))])
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_MODELS)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, str(script), out, str(tmp_path / "two.npy")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "2", r.stderr[-2000:]
+    assert np.load(tmp_path / "two.npy").tobytes() == one.tobytes()
     r = _two_device_cli([*TRAIN, "--out", out, "--devices", "3"])
     assert r.returncode == 2 and "--devices must lie in [1, 2]" in r.stderr
 

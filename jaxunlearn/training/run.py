@@ -327,9 +327,13 @@ def load_chunk_variables(run_dir: str, chunk: int):
     problem = verify_folder(chunk_dir)
     if problem is None:
         try:
+            path = os.path.abspath(os.path.join(chunk_dir, "ckpt"))
             with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sharding info not provided")  # single device: expected
-                return ckptr.restore(os.path.abspath(os.path.join(chunk_dir, "ckpt")))
+                warnings.filterwarnings("ignore", message="Sharding info not provided")
+                # as host arrays, whatever devices wrote them (older runs saved device arrays)
+                leaves = ckptr.metadata(path).item_metadata.tree
+                return ckptr.restore(path, restore_args=jax.tree.map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), leaves))
         except Exception as e:  # noqa: BLE001 - whatever orbax raises, the user needs the chunk and the fix
             first_line = (str(e).strip().splitlines() or [""])[0]
             first_line = first_line if len(first_line) <= 150 else first_line[:150] + "..."
@@ -465,9 +469,11 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         states, _ = train_ensemble(trainer, images, labels, masks[run_ids], run_ids, cfg.seed, cfg.recipe.epochs,
                                    on_epoch=cb, fns=fns)
         logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)[:k]
-        variables = {"params": states.params, "batch_stats": states.batch_stats}  # what a chunk keeps
-        if k < chunk:  # drop the padding (on the host: slicing on the device would compile)
-            variables = jax.tree.map(lambda t: jax.device_put(np.asarray(t)[:k]), variables)
+        # what a chunk keeps, as host arrays: a checkpoint must not record which devices held the models
+        # (a run trained on 2 devices is read back on 1); the padding dropped there (slicing on the
+        # device would compile)
+        variables = jax.tree.map(lambda t: np.asarray(t)[:k], {"params": states.params,
+                                                              "batch_stats": states.batch_stats})
         if not np.all(np.isfinite(logits)):
             raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
         if _save_chunk(final, variables, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
