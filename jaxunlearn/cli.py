@@ -31,7 +31,8 @@ def add_train_args(p):
     p.add_argument("--chunk", type=int, default=None, help="models trained at once (default: from free memory)")
     p.add_argument("--conv-impl", default=None, help="im2col, xla, xla_canonical, shift or xla_nchw "
                    "(default: the measured best for the backend, training/strategy.py)")
-    p.add_argument("--vmap-width", type=int, default=None, help="models vmapped together inside a chunk")
+    p.add_argument("--vmap-width", type=int, default=None, help="models vmapped together on each device (a chunk goes to only as many "
+                                                                    "devices as keep this many on each)")
     p.add_argument("--forget-idx", default=None,
                    help="train oracles: every model on all points but these (.npy file or comma list)")
     p.add_argument("--out", required=True)

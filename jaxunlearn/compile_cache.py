@@ -162,8 +162,9 @@ def enable_compile_cache(path: str | None) -> str | None:
 
 def remembered(kind: str, key: dict, compute):
     """``compute()`` (a JSON-able result), remembered in the compilation cache folder under ``kind``
-    and a hash of ``key`` (with JAX's version), so a warm process skips the tracing it costs; computed
-    every time when the cache is off. Entries are written whole (renamed into place)."""
+    and a hash of ``key`` (with JAX's and jaxunlearn's versions), so a warm process skips the tracing
+    it costs; computed every time when the cache is off. Entries are written whole (renamed into
+    place). Meant for estimates (a stale one after a code change only mis-sizes a chunk)."""
     import hashlib
     import json
 
@@ -172,7 +173,10 @@ def remembered(kind: str, key: dict, compute):
     folder = jax.config.jax_compilation_cache_dir
     if not folder:
         return compute()
-    digest = hashlib.sha256(json.dumps({**key, "jax": jax.__version__}, sort_keys=True).encode()).hexdigest()
+    from jaxunlearn import __version__
+
+    versions = {"jax": jax.__version__, "jaxunlearn": __version__}
+    digest = hashlib.sha256(json.dumps({**key, **versions}, sort_keys=True).encode()).hexdigest()
     path = os.path.join(folder, "jaxunlearn", f"{kind}-{digest[:32]}.json")
     try:
         with open(path) as f:

@@ -58,8 +58,11 @@ def test_unwritable_cache_folder_is_one_clear_error(tmp_path, capsys):
 
 
 def test_a_remembered_value_is_computed_once_per_key_and_always_when_the_cache_is_off(tmp_path):
+    import jax
+
     from jaxunlearn.compile_cache import enable_compile_cache, remembered
 
+    before = jax.config.jax_compilation_cache_dir
     calls = []
 
     def compute():
@@ -75,7 +78,8 @@ def test_a_remembered_value_is_computed_once_per_key_and_always_when_the_cache_i
         assert len(calls) == 2
         files = os.listdir(tmp_path / "cache" / "jaxunlearn")
         assert len(files) == 2 and all(f.startswith("memory-estimate-") for f in files)
-    finally:
         enable_compile_cache(None)
-    remembered("memory-estimate", {"a": 1}, compute)
-    assert len(calls) == 3  # cache off: computed every time
+        remembered("memory-estimate", {"a": 1}, compute)
+        assert len(calls) == 3  # cache off: computed every time
+    finally:
+        enable_compile_cache(before)

@@ -75,6 +75,25 @@ def test_ensemble_layout_clips_the_width_to_a_share():
 
     from jaxunlearn.training.strategy import Strategy, ensemble_layout
 
-    devs, strat = ensemble_layout("mlp", 64, jax.devices()[:1])
-    assert devs == jax.devices()[:1] and strat == Strategy("xla", 16)
-    assert ensemble_layout("cnn", 3, jax.devices()[:1])[1] == Strategy("im2col", 3)
+    cpu = jax.devices("cpu")[:1]  # the CPU layout, on a GPU host too
+    devs, strat = ensemble_layout("mlp", 64, cpu)
+    assert devs == cpu and strat == Strategy("xla", 16)
+    assert ensemble_layout("cnn", 3, cpu)[1] == Strategy("im2col", 3)
+
+
+def test_an_odd_ensemble_is_padded_onto_every_core(tmp_path):
+    """5 digits CNNs on 2 CPU devices: one chunk of 6 (one padded copy), split across both, in the
+    per-core layout measured for 2 devices; 5 models come out."""
+    import numpy as np
+
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "jaxunlearn", "train", "--dataset", "digits", "--model", "cnn",
+                        "--models", "5", "--epochs", "1", "--no-progress", "--no-compile-cache", "--out", out],
+                       cwd=REPO, env=_clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    per_core = default_strategy("cnn", "cpu", 6, 2)
+    assert (cfg["chunk_resolved"], cfg["devices"], cfg["conv_impl"], cfg["vmap_width_resolved"]) == \
+        (6, 2, per_core.conv_impl, per_core.vmap_width)
+    assert np.load(os.path.join(out, "margins.npy")).shape == (5, 1797)

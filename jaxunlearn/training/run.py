@@ -397,7 +397,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             stored = json.load(f)
         conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
     else:
-        strat = ensemble_layout(cfg.recipe.model, cfg.models, devs)[1]
+        # the models rounded up to a multiple of the devices: a short chunk is padded, never put on fewer devices
+        padded = -(-cfg.models // len(devs)) * len(devs)
+        strat = ensemble_layout(cfg.recipe.model, padded, devs)[1]
         conv_impl = cfg.conv_impl or strat.conv_impl
         if cfg.chunk:
             chunk = cfg.chunk
@@ -412,11 +414,13 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             chunk = len(devs) * auto_chunk(est, dataset.n_train, cfg.vmap_width or strat.vmap_width,
                                            -(-cfg.models // len(devs)), budget)
             chunk = balanced_chunk(cfg.models, chunk, len(devs))
-    chunk = max(1, min(int(chunk), cfg.models))
+        chunk = max(1, min(int(chunk), padded))
+        # the conv formulation measured for the devices this chunk size really uses (the estimate above
+        # was for the whole ensemble's; im2col, the one-device CPU choice, is the larger of the two)
+        conv_impl = cfg.conv_impl or ensemble_layout(cfg.recipe.model, chunk, devs)[1].conv_impl
 
-    def width_for(c: int) -> int:  # per device, for the devices a chunk of c models is split across
-        devs_c, strat_c = ensemble_layout(cfg.recipe.model, c, devs)
-        return min(cfg.vmap_width or strat_c.vmap_width, c // len(devs_c))
+    def width_for(c: int) -> int:  # per device; an explicit --vmap-width is kept (on fewer devices if need be)
+        return min(cfg.vmap_width, c) if cfg.vmap_width else ensemble_layout(cfg.recipe.model, c, devs)[1].vmap_width
 
     run_dict.update(conv_impl=conv_impl, chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend,
                     devices=len(split_devices(devs, chunk, width_for(chunk))))

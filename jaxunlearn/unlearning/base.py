@@ -64,11 +64,12 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
 
 def model_devices(devices, k: int, vmap_width: int | None = None) -> tuple:
     """The devices K models are split across (``training.strategy.split_devices``; default: every
-    local device): as many as share K evenly, each at least ``vmap_width`` models (None: any share)."""
+    local device): as many as share K evenly, each at least ``vmap_width`` models (None, all K vmapped
+    together: one device)."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     if not devices:
         raise JaxUnlearnError("no devices given")
-    return tuple(split_devices(devices, k, vmap_width or 1))
+    return tuple(split_devices(devices, k, vmap_width or k))  # None: all K vmapped together, on one device
 
 
 def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
