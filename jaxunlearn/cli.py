@@ -31,8 +31,9 @@ def add_train_args(p):
     p.add_argument("--chunk", type=int, default=None, help="models trained at once (default: from free memory)")
     p.add_argument("--conv-impl", default=None, help="im2col, xla, xla_canonical, shift or xla_nchw "
                    "(default: the measured best for the backend, training/strategy.py)")
-    p.add_argument("--vmap-width", type=int, default=None, help="models vmapped together on each device (a chunk goes to only as many "
-                                                                    "devices as keep this many on each)")
+    p.add_argument("--vmap-width", type=int, default=None,
+                   help="models vmapped together on each device (a chunk goes to only as many devices as keep this "
+                        "many on each)")
     p.add_argument("--forget-idx", default=None,
                    help="train oracles: every model on all points but these (.npy file or comma list)")
     p.add_argument("--out", required=True)
@@ -74,8 +75,9 @@ def run_config_from_args(args):
         raise JaxUnlearnError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     if args.conv_impl is not None and args.conv_impl not in CONV_IMPLS:
         raise JaxUnlearnError(f"unknown --conv-impl {args.conv_impl!r}; choose one of {', '.join(CONV_IMPLS)}")
-    if args.chunk is not None and args.chunk < 1:
-        raise JaxUnlearnError(f"--chunk must be >= 1, got {args.chunk}")
+    for flag, value in (("--chunk", args.chunk), ("--vmap-width", args.vmap_width)):
+        if value is not None and value < 1:
+            raise JaxUnlearnError(f"{flag} must be >= 1, got {value}")
     dataset = load_dataset(args.dataset, args.data_dir)
     recipe_name = args.recipe or default_recipe(args.dataset, args.model)
     recipe = load_recipe(recipe_name)

@@ -13,13 +13,17 @@ persistent cache, ``cache_hits``) and the seconds spent getting them (``seconds`
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 
 import jax
 from jax import monitoring
 
+from jaxunlearn import __version__
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import write_json_atomic
 
 ENV = "JAXUNLEARN_CACHE_DIR"
 OFF = ("off", "none", "0", "")
@@ -165,16 +169,9 @@ def remembered(kind: str, key: dict, compute):
     and a hash of ``key`` (with JAX's and jaxunlearn's versions), so a warm process skips the tracing
     it costs; computed every time when the cache is off. Entries are written whole (renamed into
     place). Meant for estimates (a stale one after a code change only mis-sizes a chunk)."""
-    import hashlib
-    import json
-
-    from jaxunlearn.utils import write_json_atomic
-
     folder = jax.config.jax_compilation_cache_dir
     if not folder:
         return compute()
-    from jaxunlearn import __version__
-
     versions = {"jax": jax.__version__, "jaxunlearn": __version__}
     digest = hashlib.sha256(json.dumps({**key, **versions}, sort_keys=True).encode()).hexdigest()
     path = os.path.join(folder, "jaxunlearn", f"{kind}-{digest[:32]}.json")

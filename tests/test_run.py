@@ -110,6 +110,8 @@ def test_chunk_checkpoint_restores_the_models(reference_run):
     (["--alpha", "0"], r"--alpha must lie in \(0, 1\], got 0.0"),
     (["--alpha", "1.5"], r"--alpha must lie in \(0, 1\], got 1.5"),
     (["--models", "0"], "--models must be >= 1, got 0"),
+    (["--chunk", "0"], "--chunk must be >= 1, got 0"),
+    (["--vmap-width", "0"], "--vmap-width must be >= 1, got 0"),
     (["--dataset", "cifar10", "--data-dir", "."], "is not a CIFAR-10 python archive"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--forget-idx", "1,2,99999"], r"forget set has indices out of range \[0, 1437\)"),

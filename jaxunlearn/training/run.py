@@ -422,8 +422,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     def width_for(c: int) -> int:  # per device; an explicit --vmap-width is kept (on fewer devices if need be)
         return min(cfg.vmap_width, c) if cfg.vmap_width else ensemble_layout(cfg.recipe.model, c, devs)[1].vmap_width
 
-    run_dict.update(conv_impl=conv_impl, chunk_resolved=chunk, vmap_width_resolved=width_for(chunk), backend=backend,
-                    devices=len(split_devices(devs, chunk, width_for(chunk))))
+    vmap_width = width_for(chunk)
+    run_dict.update(conv_impl=conv_impl, chunk_resolved=chunk, vmap_width_resolved=vmap_width, backend=backend,
+                    devices=len(split_devices(devs, chunk, vmap_width)))
 
     chunks_dir = os.path.join(out, "chunks")
     os.makedirs(out, exist_ok=True)
@@ -434,7 +435,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             stored = json.load(f)
         conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
     trainer = trainer_for(conv_impl)
-    vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
+    if stored:  # runs written before the width was stored: the rule, for their chunk
+        vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
     os.makedirs(chunks_dir, exist_ok=True)
     save_npy_atomic(os.path.join(out, "masks.npy"), masks)  # on resume too: same bytes; repairs a damaged copy
     n_chunks = -(-cfg.models // chunk)

@@ -25,10 +25,9 @@ def split_devices(devices, n_models: int, vmap_width: int = 1) -> list:
 
 def ensemble_layout(model: str, n_models: int, devices) -> tuple[list, Strategy]:
     """The devices ``n_models`` models are split across (:func:`split_devices`) and the measured
-    layout on each (:func:`default_strategy` for that many; ``vmap_width`` at most a device's share)."""
+    layout on each (:func:`default_strategy` for that many; its ``vmap_width`` is at most a share)."""
     devs = split_devices(devices, n_models)
-    s = default_strategy(model, devs[0].platform, n_models, len(devs))
-    return devs, dataclasses.replace(s, vmap_width=min(s.vmap_width, n_models // len(devs)))
+    return devs, default_strategy(model, devs[0].platform, n_models, len(devs))
 
 
 def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1) -> Strategy:
