@@ -1,5 +1,3 @@
-import sys
+from jaxunlearn.cli import run
 
-from jaxunlearn.cli import main
-
-sys.exit(main())
+run()

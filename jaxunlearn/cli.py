@@ -2,16 +2,38 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import time
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.progress import Progress
-from jaxunlearn.unlearning.registry import ALL_METHODS
+
+# placeholders in help texts, filled in when help is shown: every method a pipeline runs, and those
+# that update parameters (all but "none" and "dm-direct")
+METHODS_HELP, UPDATING_METHODS_HELP = "{methods}", "{updating methods}"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills in the method names only when help is printed: the registry imports every method (and
+    JAX), which a plain ``train`` does not need."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        if text and (METHODS_HELP in text or UPDATING_METHODS_HELP in text):
+            from jaxunlearn.unlearning.registry import ALL_METHODS
+
+            updating = [m for m in ALL_METHODS if m not in ("none", "dm-direct")]
+            text = text.replace(METHODS_HELP, " ".join(ALL_METHODS)).replace(UPDATING_METHODS_HELP, " ".join(updating))
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one clear line, exit 2
         self.exit(2, f"jaxunlearn: error: {message}\n")
 
@@ -271,7 +293,7 @@ def build_parser():
     u.add_argument("--out", required=True)
     u.add_argument("--data-dir", default=None)
     u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
-    u.add_argument("--methods", nargs="+", default=None, help=" ".join(ALL_METHODS) + " or METHOD@MASK")
+    u.add_argument("--methods", nargs="+", default=None, help=METHODS_HELP + " or METHOD@MASK")
     u.add_argument("--worker", default=None, metavar="I/N",
                    help="one of N processes of a job array sharing --out: train only this worker's chunks of every "
                         "ensemble, then stop; `pipeline` without --worker goes on from the finished folders")
@@ -279,7 +301,7 @@ def build_parser():
     u.set_defaults(func=cmd_pipeline)
     w = sub.add_parser("sweep", help="a hyperparameter grid of one method, every point evaluated (resumes the "
                        "pipeline's ensembles in --out)")
-    w.add_argument("--method", required=True, help=" ".join(m for m in ALL_METHODS if m not in ("none", "dm-direct")))
+    w.add_argument("--method", required=True, help=UPDATING_METHODS_HELP)
     w.add_argument("--grid", nargs="+", required=True, help="NAME=V1,V2,... e.g. lr=0.001,0.01 epochs=2,4")
     w.add_argument("--out", required=True, help="a pipeline/demo folder (its ensembles are reused)")
     w.add_argument("--config", default=None, help="pipeline .json; default: the demo's")
@@ -349,5 +371,17 @@ def main(argv=None) -> int:
         return 2
 
 
+def run(argv=None) -> None:
+    """The ``jaxunlearn`` command (and ``python -m jaxunlearn``): :func:`main`, then the process ends
+    once the output is flushed and the exit handlers have run, without Python's module-by-module
+    teardown of JAX, flax, optax and orbax (0.2 s of a 2 s warm ``train``, measured). Everything a
+    command writes is closed before it returns; an uncaught exception ends the process the usual way."""
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # logging, thread pools, JAX's own handlers: as a normal exit runs them
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -83,3 +83,63 @@ def test_a_remembered_value_is_computed_once_per_key_and_always_when_the_cache_i
         assert len(calls) == 3  # cache off: computed every time
     finally:
         enable_compile_cache(before)
+
+
+def test_a_stored_program_loads_without_tracing_and_gives_the_same_bits(tmp_path):
+    """compile_cache.Program: with the cache on and a spec, a new Program (as in a new process) loads
+    the stored executable without tracing its function; another spec or other shapes compile anew;
+    without a spec nothing is stored; a damaged entry is compiled again; inside a trace it is the plain
+    jitted function."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxunlearn.compile_cache import CompileCounter, Program, enable_compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    traced = []
+
+    def f(x, y):
+        traced.append(1)
+        return jnp.sin(x) @ y, x.sum()
+
+    x, y = jnp.linspace(0, 1, 12).reshape(4, 3), jnp.ones((3, 2))
+    spec = {"what": "a test program", "n": 1}
+    folder = tmp_path / "cache" / "jaxunlearn" / "programs"
+    enable_compile_cache(str(tmp_path / "cache"))
+    try:
+        first = Program(f, "probe", spec)(x, y)
+        assert len(traced) == 1 and len(os.listdir(folder)) == 1
+        counter = CompileCounter()
+        again = Program(f, "probe", spec)(x, y)
+        assert len(traced) == 1  # loaded, not traced
+        snap = counter.snapshot()
+        assert snap["compiled"] == 0 and snap["cache_hits"] == snap["programs"] == 1 and snap["names"] == ["probe (stored)"]
+        for a, b in zip(first, again):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        Program(f, "probe", {**spec, "n": 2})(x, y)  # another spec
+        Program(f, "probe", spec)(x[:2], y)  # other shapes
+        assert len(traced) == 3 and len(os.listdir(folder)) == 3
+        Program(f, "probe")(x, y)  # no spec: compiled, not stored
+        assert len(traced) == 4 and len(os.listdir(folder)) == 3
+        for name in os.listdir(folder):  # damaged entries: compiled again, and stored whole again
+            (folder / name).write_bytes(b"not an executable")
+        third = Program(f, "probe", spec)(x, y)
+        assert len(traced) == 5 and np.asarray(third[0]).tobytes() == np.asarray(first[0]).tobytes()
+        p = Program(f, "probe", spec)
+        p(x, y)  # the damaged entry was replaced by a whole one
+        assert len(traced) == 5
+        shape = jax.eval_shape(p, x, y)
+        assert shape[0].shape == (4, 2)
+        np.testing.assert_allclose(jax.jit(lambda a, b: p(a, b)[0])(x, y), first[0], rtol=1e-6)
+        assert not [n for n in os.listdir(folder) if ".tmp-" in n]
+    finally:
+        enable_compile_cache(before)
+
+
+def test_a_compile_option_this_xla_does_not_know_is_left_out():
+    import jax.numpy as jnp
+
+    from jaxunlearn.compile_cache import Program
+
+    p = Program(lambda x: x * 2, "probe", compiler_options={"xla_cpu_no_such_option_anywhere": True})
+    np.testing.assert_array_equal(p(jnp.arange(3.0)), [0.0, 2.0, 4.0])

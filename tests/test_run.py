@@ -229,6 +229,31 @@ def test_chunks_from_before_checksums_are_adopted_not_retrained(reference_run, t
     assert np.array_equal(load_run(out)["margins"], load_run(reference_run)["margins"])
 
 
+def test_chunks_that_kept_only_logits_are_assembled_from_them(reference_run, tmp_path, capsys):
+    """Chunks written before chunks kept their margins (outputs.npz: logits and model ids only) are
+    assembled from their logits, not re-trained."""
+    from jaxunlearn.training import load_run
+    from jaxunlearn.training.run import CHECKSUMS, file_digests
+    from jaxunlearn.utils import write_json_atomic
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    folder = os.path.join(out, "chunks", "00001")
+    with np.load(os.path.join(folder, "outputs.npz")) as z:
+        assert {"logits", "margins", "correct", "model_ids"} <= set(z.files)
+        np.savez(os.path.join(folder, "outputs.npz"), logits=z["logits"], model_ids=z["model_ids"])
+    write_json_atomic(os.path.join(folder, CHECKSUMS), file_digests(folder))
+    os.remove(os.path.join(out, "margins.npy"))
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", out]) == 0
+    assert "(0 now)" in capsys.readouterr().out
+    run, ref = load_run(out), load_run(reference_run)
+    assert run["logits"].tobytes() == ref["logits"].tobytes()
+    np.testing.assert_allclose(run["margins"], ref["margins"], rtol=1e-6, atol=1e-6)
+    acc, ref_acc = (json.load(open(os.path.join(f, "accuracy.json"))) for f in (out, reference_run))
+    assert acc == ref_acc
+
+
 def test_damaged_assembled_files_are_refused_then_rebuilt_without_training(reference_run, tmp_path, capsys):
     from jaxunlearn.errors import JaxUnlearnError
     from jaxunlearn.training import load_run

@@ -5,7 +5,7 @@ import pytest
 
 from jaxunlearn.data import make_dataset
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics import accuracy_from_logits
+from jaxunlearn.metrics import accuracy_from_logits, margins_from_logits
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, retain_masks, train_ensemble
 from jaxunlearn.training.ensemble import model_keys
 from jaxunlearn.training.loop import train_one_by_one
@@ -129,11 +129,33 @@ def test_ensemble_init_compiled_unoptimised_is_bit_identical(digits, model, widt
     recipe = RECIPES[f"digits-{model}"]
     tr = _trainer(digits, recipe, np.ones((4, digits.n_train), bool))
     keys = model_keys(3, np.arange(4))
-    stacked = EnsembleFns(tr, 4, width).init(keys)
+    fns = EnsembleFns(tr, 4, width)
+    stacked = fns.init(keys)
+    # keys and init in one program (what train_ensemble runs): the same keys, the same states
+    both, both_keys = fns.init_models(np.int32(3), np.arange(4, dtype=np.uint32))
+    np.testing.assert_array_equal(jax.random.key_data(both_keys), jax.random.key_data(keys))
     single = jax.jit(tr.init)
     for i in range(4):
-        for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(single(keys[i]))):
-            np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b))
+        want = jax.tree.leaves(single(keys[i]))
+        for a, b, c in zip(jax.tree.leaves(stacked), jax.tree.leaves(both), want):
+            np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(c))
+            np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(c))
+
+
+def test_ensemble_outputs_are_logits_margins_and_correct_flags(digits):
+    """EnsembleFns.outputs (what a run keeps of each chunk, one program) equals the logits program and
+    the metrics computed from its logits."""
+    recipe = RECIPES["digits-mlp"]
+    tr = _trainer(digits, recipe, np.ones((3, digits.n_train), bool))
+    fns = EnsembleFns(tr, 3, 2)
+    states = fns.init(model_keys(0, np.arange(3)))
+    x, y = jnp.asarray(digits.test_images), jnp.asarray(digits.test_labels)
+    logits, margins, correct = fns.outputs(states.params, states.batch_stats, x, y)
+    want = fns.logits(states.params, states.batch_stats, x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(margins), np.asarray(margins_from_logits(logits, y)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(correct), np.asarray(logits).argmax(-1) == digits.test_labels)
+    assert logits.shape == (3, len(y), 10) and margins.shape == correct.shape == (3, len(y))
 
 
 def test_digits_ensemble_reaches_single_model_accuracy(digits):

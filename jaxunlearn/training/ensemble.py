@@ -18,6 +18,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxunlearn.compile_cache import Program
+from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.training.step import ModelState, Trainer
 from jaxunlearn.training.strategy import split_devices
 
@@ -40,10 +42,15 @@ def map_models(fn: Callable, xs, vmap_width: int, n_models: int):
     return jax.tree.map(lambda a: a[:n_models], out) if pad else out
 
 
+def model_key(seed, model_id) -> jax.Array:
+    """Model ``model_id``'s key: fold_in(key(seed), model_id) (its init, data order and augmentation
+    all derive from it)."""
+    return jax.random.fold_in(jax.random.key(seed), model_id)
+
+
 @jax.jit
 def _model_keys(seed, model_ids):
-    root = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(root, i))(model_ids)
+    return jax.vmap(lambda i: model_key(seed, i))(model_ids)
 
 
 def model_keys(seed: int, model_ids, sharding=None) -> jax.Array:
@@ -59,24 +66,31 @@ def models_mesh(devices) -> Mesh:
     return Mesh(np.asarray(devices), ("models",))
 
 
-def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicated: tuple[int, ...] = ()):
-    """``fn`` mapped over the leading models axis of its arguments, that axis split evenly across
-    ``devices`` (each runs :func:`map_models` on its share, in vmaps of ``min(vmap_width, share)``
-    models); the arguments at positions ``replicated`` (data, scalars) go whole to every device.
-    ``n_models`` must divide. Every model runs the program it would run on one device whenever the
-    share is at least ``vmap_width`` (``strategy.split_devices`` picks such devices; then the bits are the
-    same whatever the device count); a smaller share runs in a narrower vmap rather than padding
-    each device up to the full width, which would multiply every device's work."""
-    local = n_models // len(devices)
-
-    def per_device(*args):
+def over_models(fn: Callable, n_models: int, vmap_width: int, replicated: tuple[int, ...] = ()):
+    """Single-model ``fn`` mapped over the leading models axis of its arguments (:func:`map_models`, in
+    vmaps of ``min(vmap_width, n_models)``); the arguments at positions ``replicated`` (data, scalars)
+    go whole to every model."""
+    def call(*args):
         mapped = tuple(a for i, a in enumerate(args) if i not in replicated)
 
         def one(model_args):
             it = iter(model_args)
             return fn(*(args[i] if i in replicated else next(it) for i in range(len(args))))
 
-        return map_models(one, mapped, vmap_width, local)
+        return map_models(one, mapped, vmap_width, n_models)
+
+    return call
+
+
+def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicated: tuple[int, ...] = ()):
+    """``fn`` mapped over the leading models axis of its arguments, that axis split evenly across
+    ``devices`` (each runs :func:`over_models` on its share); the arguments at positions ``replicated``
+    go whole to every device.
+    ``n_models`` must divide. Every model runs the program it would run on one device whenever the
+    share is at least ``vmap_width`` (``strategy.split_devices`` picks such devices; then the bits are the
+    same whatever the device count); a smaller share runs in a narrower vmap rather than padding
+    each device up to the full width, which would multiply every device's work."""
+    per_device = over_models(fn, n_models // len(devices), vmap_width, replicated)
 
     def call(*args):
         specs = tuple(P() if i in replicated else P("models") for i in range(len(args)))
@@ -87,15 +101,51 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
 
 
 def init_compiler_options(devices) -> dict | None:
-    """Init runs once per chunk, so on CPU it is compiled without backend optimisation: its threefry
-    draws took 2.7 s of XLA CPU compiling for 64 digits CNNs, 0.4 s this way, with bit-identical values
-    (tested). Elsewhere the default (on GPU level 0 would also stop multiply-add contraction)."""
-    return {"xla_backend_optimization_level": 0} if devices[0].platform == "cpu" else None
+    """Init runs once per chunk, so on CPU it is compiled without backend optimisation and with
+    XLA's older fusion emitters: its threefry draws took 2.7 s of XLA CPU compiling for 64 digits
+    CNNs, 0.4 s at level 0; for 64 digits MLPs (keys and init in one program) 1.62 s by default,
+    0.36 s at level 0, 0.21 s with the older emitters too; bit-identical values each way (tested).
+    Elsewhere the default (on GPU level 0 would also stop multiply-add contraction)."""
+    if devices[0].platform != "cpu":
+        return None
+    return {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def outputs_compiler_options(devices) -> dict | None:
+    """The outputs (logits, margins) run once per chunk: on CPU with XLA's older fusion emitters,
+    which compile faster (64 digits MLPs: 0.19 vs 0.27 s compiling, then 0.044 vs 0.035 s running;
+    64 digits CNNs: 0.22 vs 0.42 s, then 0.89 vs 0.92 s). Not the epoch: it runs many times, and
+    ran 6-30 % slower per epoch with them (CNN, MLP)."""
+    return {"xla_cpu_use_fusion_emitters": False} if devices[0].platform == "cpu" else None
+
+
+def _outputs(trainer: Trainer):
+    """What a trained model's run keeps, computed where its logits are: (logits f32[n, C],
+    margins f32[n], correct bool[n]) on images u8|f32[n, ...] with labels i32[n]."""
+    def outputs(params, batch_stats, images, labels):
+        logits = trainer.logits(params, batch_stats, images).astype(jnp.float32)
+        return logits, margins_from_logits(logits, labels), logits.argmax(-1) == labels
+    return outputs
+
+
+def _init_models(trainer: Trainer):
+    """(state, key) of model ``model_id``: its key and initial state in one program."""
+    def init_model(seed, model_id):
+        key = model_key(seed, model_id)
+        return trainer.init(key), key
+    return init_model
 
 
 class EnsembleFns:
     """Jitted ensemble versions of a Trainer's functions, for a fixed chunk size and vmap width,
-    the models axis split across ``devices`` (default: the first device only)."""
+    the models axis split across ``devices`` (default: the first device only).
+
+    ``init(keys)``, ``epoch(states, images, labels, masks, keys, epoch)``, ``logits(params, stats, images)``
+    as the Trainer's; and two that save a program each at start-up: ``init_models(seed, model_ids)``
+    -> (states, keys) (:func:`model_keys` and ``init`` in one), and ``outputs(params, stats, images,
+    labels)`` -> (logits f32[k, n, C], margins f32[k, n], correct bool[k, n]). Each is a
+    :class:`~jaxunlearn.compile_cache.Program`: with the persistent cache on and a Trainer from
+    ``make_trainer``, a warm process loads them without tracing."""
 
     def __init__(self, trainer: Trainer, n_models: int, vmap_width: int, devices=None):
         self.trainer = trainer
@@ -103,24 +153,26 @@ class EnsembleFns:
         # where per-model inputs (keys, masks) go straight from the host: already split as the programs
         # take them (a one-device array would be re-sliced across the devices by a compiled program);
         # None on one device: uncommitted, as before, so the results may still move to other devices
-        self.models_sharding = NamedSharding(models_mesh(self.devices), P("models")) if len(self.devices) > 1 else None
-        if len(self.devices) > 1:
-            over = lambda fn, replicated=(): over_devices(fn, self.devices, n_models, vmap_width, replicated)  # noqa: E731
-            self.init = jax.jit(over(trainer.init), compiler_options=init_compiler_options(self.devices))
-            # run_epoch(state, images, labels, mask, model_key, epoch): images, labels, epoch are shared
-            self.epoch = jax.jit(over(trainer.run_epoch, (1, 2, 5)), donate_argnums=0)
-            self.logits = jax.jit(over(trainer.logits, (2,)))
-            return
-        mm = lambda fn, xs: map_models(fn, xs, vmap_width, n_models)  # noqa: E731
+        multi = len(self.devices) > 1
+        self.models_sharding = NamedSharding(models_mesh(self.devices), P("models")) if multi else None
+        spec = trainer.spec and {**trainer.spec, "models": n_models, "vmap_width": vmap_width,
+                                 "devices": [d.id for d in self.devices]}
+        init_model, outputs = _init_models(trainer), _outputs(trainer)
 
-        self.init = jax.jit(lambda keys: mm(trainer.init, keys), compiler_options=init_compiler_options(self.devices))
+        def program(name, single, replicated=(), **kw):
+            """``single`` (one model's function) over the models axis of the arguments other than
+            ``replicated``: split over the devices, each in this chunk's vmap layout."""
+            fn = (over_devices(single, self.devices, n_models, vmap_width, replicated) if multi
+                  else over_models(single, n_models, vmap_width, replicated))
+            return Program(fn, name, spec and {**spec, "program": name}, **kw)
 
-        def epoch(states, images, labels, masks, keys, epoch):
-            return mm(lambda a: trainer.run_epoch(a[0], images, labels, a[1], a[2], epoch), (states, masks, keys))
-
-        self.epoch = jax.jit(epoch, donate_argnums=0)
-        self.logits = jax.jit(lambda params, stats, images: mm(
-            lambda a: trainer.logits(a[0], a[1], images), (params, stats)))
+        self.init = program("init", trainer.init, compiler_options=init_compiler_options(self.devices))
+        self.init_models = program("init_models", init_model, (0,),
+                                   compiler_options=init_compiler_options(self.devices))
+        # run_epoch(state, images, labels, mask, model_key, epoch): images, labels, epoch are shared
+        self.epoch = program("epoch", trainer.run_epoch, (1, 2, 5), donate_argnums=0)
+        self.logits = program("logits", trainer.logits, (2,))
+        self.outputs = program("outputs", outputs, (2, 3), compiler_options=outputs_compiler_options(self.devices))
 
 
 def train_ensemble(trainer: Trainer, images, labels, masks, model_ids, seed: int, epochs: int,
@@ -135,9 +187,9 @@ def train_ensemble(trainer: Trainer, images, labels, masks, model_ids, seed: int
     """
     k = int(np.shape(masks)[0])
     fns = fns or EnsembleFns(trainer, k, vmap_width or k)
-    keys = model_keys(seed, model_ids, fns.models_sharding)
+    ids = np.asarray(model_ids, np.uint32)  # as model_keys takes them: the same keys
     masks = jax.device_put(np.asarray(masks), fns.models_sharding)  # not jnp.asarray: it compiles per shape
-    states = fns.init(keys)
+    states, keys = fns.init_models(np.int32(seed), jax.device_put(ids, fns.models_sharding))
     metrics = {}
     for e in range(epochs):
         states, metrics = fns.epoch(states, images, labels, masks, keys, np.int32(e))

@@ -5,7 +5,8 @@ Layout of ``out/``::
     config.json            everything needed to reproduce the run
     masks.npy              bool[M, n_train]
     chunks/00000/          one finished chunk: ckpt/ (orbax: params, batch_stats), outputs.npz
-                           (logits, model_ids), meta.json, and checksums.json (sha256 of every other file)
+                           (logits, margins, correct flags, model_ids), meta.json, and checksums.json
+                           (sha256 of every other file)
     margins.npy            f32[M, n_train + n_test] (train points first, then test points)
     logits.npy             f32[M, n_train + n_test, C]
     accuracy.json          per-model train/test accuracy
@@ -28,7 +29,6 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Callable
 
 import jax
@@ -39,7 +39,7 @@ import numpy as np
 from jaxunlearn.compile_cache import CompileCounter, remembered
 from jaxunlearn.data.datasets import Dataset
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics.margins import accuracy_from_logits, margins_from_logits
+from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
@@ -262,16 +262,27 @@ def _tmp_name(chunk_name: str) -> str:
     return f".tmp-{chunk_name}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def _save_chunk(final_dir: str, variables: dict, logits: np.ndarray, model_ids: np.ndarray, meta: dict) -> bool:
-    """Writes a finished chunk under a private temporary name and renames it into place; False (and
-    nothing written) when another process finished the same chunk first."""
-    import orbax.checkpoint as ocp
-
+def _new_chunk_folder(final_dir: str) -> str:
+    """A new folder, beside ``final_dir``, under a temporary name no other process uses."""
     tmp = os.path.join(os.path.dirname(final_dir), _tmp_name(os.path.basename(final_dir)))
     os.makedirs(tmp)
+    return tmp
+
+
+def _write_checkpoint(folder: str, variables: dict) -> None:
+    """The chunk's ``variables`` ({"params", "batch_stats"} of host arrays f32[k, ...]) as an orbax
+    checkpoint in ``folder``/ckpt."""
+    import orbax.checkpoint as ocp
+
     with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(os.path.join(tmp, "ckpt")), variables)
-    np.savez(os.path.join(tmp, "outputs.npz"), logits=logits, model_ids=model_ids)
+        ckptr.save(os.path.abspath(os.path.join(folder, "ckpt")), variables)
+
+
+def _finish_chunk(tmp: str, final_dir: str, outputs: dict, model_ids: np.ndarray, meta: dict) -> bool:
+    """Adds ``outputs`` (logits f32[k, n, C], margins f32[k, n], correct bool[k, n]), ``meta`` and the
+    checksums to the chunk written in ``tmp`` (its checkpoint there already) and renames it into place
+    as ``final_dir``; False (and ``tmp`` removed) when another process finished the same chunk first."""
+    np.savez(os.path.join(tmp, "outputs.npz"), model_ids=model_ids, **outputs)
     write_json_atomic(os.path.join(tmp, "meta.json"), meta)
     write_json_atomic(os.path.join(tmp, CHECKSUMS), file_digests(tmp))
     try:
@@ -388,7 +399,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
 
     # device_put, not jnp.asarray: the latter compiles a small program per shape
     images, labels = jax.device_put(dataset.train_images), jax.device_put(dataset.train_labels)
-    all_images = jax.device_put(dataset.all_images)
+    all_images, all_labels = jax.device_put(dataset.all_images), jax.device_put(dataset.all_labels)
     # the layout a run was created with (conv formulation, chunk, vmap width) is the run's: a resume or a
     # later worker keeps it, whatever its own device count, so every model runs the same program
     stored = {}
@@ -474,15 +485,28 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         tc = time.time()
         states, _ = train_ensemble(trainer, images, labels, masks[run_ids], run_ids, cfg.seed, cfg.recipe.epochs,
                                    on_epoch=cb, fns=fns)
-        logits = np.asarray(fns.logits(states.params, states.batch_stats, all_images), np.float32)[:k]
         # what a chunk keeps, as host arrays: a checkpoint must not record which devices held the models
         # (a run trained on 2 devices is read back on 1); the padding dropped there (slicing on the
         # device would compile)
         variables = jax.tree.map(lambda t: np.asarray(t)[:k], {"params": states.params,
                                                               "batch_stats": states.batch_stats})
-        if not np.all(np.isfinite(logits)):
-            raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
-        if _save_chunk(final, variables, logits, ids, {"models": ids.tolist(), "seconds": time.time() - tc}):
+        tmp = _new_chunk_folder(final)
+        try:
+            # the checkpoint is written (orbax imported, the first time) while the outputs compile and run
+            with ThreadPoolExecutor(1) as pool:
+                saving = pool.submit(_write_checkpoint, tmp, variables)
+                # logits, margins and correct flags of every point, in one program (the padding dropped on
+                # the host: slicing on the device would compile)
+                logits, margins, correct = (np.asarray(a)[:k] for a in fns.outputs(
+                    states.params, states.batch_stats, all_images, all_labels))
+                saving.result()
+            if not np.all(np.isfinite(logits)):
+                raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing of this chunk is left behind
+            raise
+        if _finish_chunk(tmp, final, {"logits": logits, "margins": margins, "correct": correct}, ids,
+                         {"models": ids.tolist(), "seconds": time.time() - tc}):
             trained += k
     wall = time.time() - t0
     missing = missing_chunks(out, n_chunks)
@@ -494,11 +518,20 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                         counter=counter)
 
 
-@partial(jax.jit, static_argnums=2)
-def _run_outputs(logits, labels, n_train: int):
-    """Margins f32[M, n] and train / test accuracy f32[M] of a run's logits f32[M, n, C] (one program)."""
-    return (margins_from_logits(logits, labels), accuracy_from_logits(logits[:, :n_train], labels[:n_train]),
-            accuracy_from_logits(logits[:, n_train:], labels[n_train:]))
+@jax.jit
+def _outputs_of_logits(logits, labels):
+    """Margins f32[k, n] and correct flags bool[k, n] of logits f32[k, n, C]: for chunks written before
+    chunks kept them (new chunks get them from the program that computes their logits)."""
+    return margins_from_logits(logits, labels), logits.argmax(-1) == labels
+
+
+def _chunk_outputs(folder: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits f32[k, n, C], margins f32[k, n], correct bool[k, n]) of a finished chunk."""
+    with np.load(os.path.join(folder, "outputs.npz")) as z:
+        if "margins" in z.files:
+            return z["logits"], z["margins"], z["correct"]
+        logits = z["logits"]
+    return (logits, *(np.asarray(a) for a in _outputs_of_logits(logits, labels)))
 
 
 def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
@@ -516,9 +549,10 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     except FileNotFoundError:
         pass
     names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
-    logits = np.concatenate([np.load(os.path.join(chunks_dir, n, "outputs.npz"))["logits"] for n in names])
-    margins, acc_train, acc_test = (np.asarray(a) for a in _run_outputs(logits, dataset.all_labels, dataset.n_train))
+    logits, margins, correct = (np.concatenate(a) for a in
+                                zip(*(_chunk_outputs(os.path.join(chunks_dir, n), dataset.all_labels) for n in names)))
     margins = margins.astype(np.float32)
+    acc_train, acc_test = correct[:, :dataset.n_train].mean(1), correct[:, dataset.n_train:].mean(1)
     save_npy_atomic(os.path.join(out, "logits.npy"), logits)
     save_npy_atomic(os.path.join(out, "margins.npy"), margins)
     write_json_atomic(os.path.join(out, "accuracy.json"), {"train": acc_train.tolist(), "test": acc_test.tolist()})

@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -39,6 +40,9 @@ class Trainer(NamedTuple):
     logits: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, C]
     embed: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, D] penultimate features
     apply_images: Callable  # (params, batch_stats, images u8[B,...], train) -> (logits f32[B, C], batch_stats)
+    # make_trainer's arguments (JSON-able): everything these functions close over, so a program built
+    # from them can be stored and found again by it (compile_cache.Program); None: not known
+    spec: dict | None = None
 
 
 def smoothed_cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -139,4 +143,7 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
     def embed(params, batch_stats, images):
         return over_points(images, lambda x: apply(params, batch_stats, x, False, features=True)[0])
 
-    return Trainer(init, train_step, batches, run_epoch, logits, embed, apply_images)
+    spec = {"recipe": recipe.to_dict(), "num_classes": int(num_classes), "image_shape": [int(d) for d in image_shape],
+            "mean": [float(v) for v in np.ravel(mean)], "std": [float(v) for v in np.ravel(std)],
+            "steps_per_epoch": int(steps_per_epoch), "conv_impl": conv_impl, "eval_batch": int(eval_batch)}
+    return Trainer(init, train_step, batches, run_epoch, logits, embed, apply_images, spec)
