@@ -5,6 +5,7 @@ import argparse
 import atexit
 import os
 import sys
+import threading
 import time
 
 from jaxunlearn.errors import JaxUnlearnError
@@ -351,7 +352,8 @@ def build_parser():
 def add_cache_args(p):
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache folder (default: $JAXUNLEARN_CACHE_DIR, else "
-                        "~/.cache/jaxunlearn/jax; 'off' switches it off); safe to share between processes")
+                        "~/.cache/jaxunlearn/jax; 'off' switches it off); safe to share between your own "
+                        "processes; it holds compiled code, so use only a folder you trust")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
 
 
@@ -372,14 +374,19 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> None:
-    """The ``jaxunlearn`` command (and ``python -m jaxunlearn``): :func:`main`, then the process ends
-    once the output is flushed and the exit handlers have run, without Python's module-by-module
-    teardown of JAX, flax, optax and orbax (0.2 s of a 2 s warm ``train``, measured). Everything a
-    command writes is closed before it returns; an uncaught exception ends the process the usual way."""
+    """The ``jaxunlearn`` command (and ``python -m jaxunlearn``); it ends the process. :func:`main`,
+    then, once the output is flushed and the exit handlers have run, ``os._exit``: Python's
+    module-by-module teardown of JAX, flax, optax and orbax is 0.2 s of a 2 s warm ``train``
+    (measured). Everything a command writes is closed before it returns. The usual exit instead while
+    another non-daemon thread is alive (it would be joined) or a profiler or tracer is attached (it
+    writes its output at exit); an uncaught exception ends the process the usual way."""
     code = main(argv)
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others or sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    atexit._run_exitfuncs()  # logging, thread pools, JAX's own handlers: as a normal exit runs them
+    atexit._run_exitfuncs()  # what a normal exit runs: logging's flush, JAX's own handlers
     os._exit(code)
 
 

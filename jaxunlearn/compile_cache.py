@@ -22,6 +22,7 @@ only functions whose closure is their spec get one (``make_trainer``'s, via ``Tr
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -213,25 +215,74 @@ def remembered(kind: str, key: dict, compute):
 
 _UNKEYED_CONFIG = ("compilation_cache", "persistent_cache", "log_compiles", "explain_cache_misses", "traceback",
                    "logging", "monitoring")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
-@functools.cache
-def _source_digest() -> str:
+def _source_files() -> list[str]:
+    return sorted(os.path.join(folder, f) for folder, _, files in os.walk(_PACKAGE) for f in files if f.endswith(".py"))
+
+
+def _source_stats() -> tuple:
+    out = []
+    for path in _source_files():
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((path, None, None))
+    return tuple(out)
+
+
+def _source_digest_now() -> str:
     """sha256 of every .py file of the jaxunlearn package (their paths and bytes)."""
-    root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for f in sorted(files):
-            if f.endswith(".py"):
-                path = os.path.join(folder, f)
-                h.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as fh:
-                    h.update(fh.read())
+    for path in _source_files():
+        h.update(os.path.relpath(path, _PACKAGE).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
     return h.hexdigest()
 
 
-def _environment() -> dict:
+# the package's files as this process imported them (with the rest of the package): programs are
+# stored under their digest only while they are unchanged, since a process whose files were edited
+# after it imported them runs code that no file holds any more
+_IMPORTED = _source_stats()
+
+
+@functools.cache
+def _imported_digest() -> str:
+    return _source_digest_now()
+
+
+def _source_digest() -> str | None:
+    """The digest of the package's source as imported; None once any file has changed since."""
+    return _imported_digest() if _source_stats() == _IMPORTED else None
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The host CPU's model and feature flags (hashed): an XLA CPU executable is built for them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return hashlib.sha256("".join(sorted(set(lines))).encode()).hexdigest()[:16]
+    except OSError:
+        import platform
+
+        return f"{platform.machine()}-{platform.processor()}"
+
+
+def _context_key() -> tuple:
+    """JAX's tracing context (thread-local settings such as ``jax.default_matmul_precision``): part of
+    what a traced program depends on."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:  # another JAX: the global configuration (in the key) is what there is
+        return ()
+    return trace_context()
+
+
+def _environment(source: str) -> dict:
     """What besides a program's own spec and arguments decides the executable it compiles to."""
     import flax
     import jaxlib
@@ -240,11 +291,12 @@ def _environment() -> dict:
     backend = jax.devices()[0].client
     config = {k: repr(v) for k, v in sorted(jax.config.values.items())
               if not any(part in k for part in _UNKEYED_CONFIG)}
+    context = [repr(v) for v in _context_key() if " at 0x" not in repr(v)]
     return {"versions": [jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, np.__version__,
                          __version__],
-            "source": _source_digest(), "platform": [backend.platform, backend.platform_version],
+            "source": source, "platform": [backend.platform, backend.platform_version], "host_cpu": _host_cpu(),
             "devices": [[d.id, d.device_kind] for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "config": config}
+            "config": config, "context": context}
 
 
 def _leaf_signature(x):
@@ -255,42 +307,79 @@ def _leaf_signature(x):
 
 
 def _compile(lowered, options: dict | None):
-    """``lowered`` compiled with ``options`` (XLA debug options), or without them where this XLA does
-    not know one of them (an option from another XLA version)."""
-    if options:
+    """``lowered`` compiled with ``options`` (XLA debug options), less any this XLA does not know (an
+    option of another XLA version is reported as "No such compile option: 'NAME'")."""
+    options = dict(options or {})
+    while True:
         try:
-            return lowered.compile(compiler_options=options)
+            return lowered.compile(compiler_options=options) if options else lowered.compile()
         except Exception as e:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
-            if "No such compile option" not in str(e):
+            unknown = [name for name in options if f"No such compile option: '{name}'" in str(e)]
+            if not unknown:
                 raise
-    return lowered.compile()
+            for name in unknown:
+                del options[name]
+
+
+def _compile_without_jax_cache(lowered, options: dict | None):
+    """Compiled by XLA now, never read from JAX's persistent cache: an executable JAX reads from its
+    cache serializes without its kernels on CPU (jaxlib 0.10.2: "Function ... not found" when the copy
+    runs in another process; tested). JAX's cache is pointed nowhere for this compile and restored
+    after (JAX decides whether to use it once, until ``reset_cache``). Compiles in other threads
+    meanwhile miss JAX's cache; nothing else goes wrong."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    folder = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+    try:
+        return _compile(lowered, options)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        cc.reset_cache()
+
+
+def _plain_jax_wanted() -> bool:
+    """Settings under which JAX does more than run a compiled program (``jax.disable_jit``, re-running
+    op by op to find a NaN): calls then go to the jitted function itself."""
+    c = jax.config
+    return bool(c.jax_disable_jit or c.jax_debug_nans or c.jax_debug_infs)
 
 
 class Program:
-    """``jax.jit(fn)``, compiled once per argument signature, with ``compiler_options``; with a
-    ``spec`` (JSON-able, naming everything ``fn`` closes over) and the persistent cache on, each
-    executable is also stored in the cache folder (``jaxunlearn/programs``) and a later process loads
-    it without tracing or lowering ``fn``. Inside a trace (``jax.eval_shape``, another jit) it is
-    the plain jitted function; ``lower`` is the jitted function's.
+    """``jax.jit(fn)``, compiled once per argument signature (and JAX tracing context) with
+    ``compiler_options`` (those this XLA knows); with a ``spec`` (JSON-able, naming everything ``fn``
+    closes over) and the persistent cache on, each executable is also stored in the cache folder
+    (``jaxunlearn/programs``) and a later process loads it without tracing or lowering ``fn``.
 
-    Entries are pickled executables: like JAX's own cache, the folder must be the user's own."""
+    Inside a trace (``jax.eval_shape``, another jit), with keyword arguments, or under
+    ``jax.disable_jit`` / ``jax_debug_nans`` / ``jax_debug_infs``, it is the plain jitted function
+    (without ``compiler_options``); so is ``lower``. ``devices``: those its programs run on (where a
+    stored one is loaded; default: the default backend's).
+
+    The key holds the spec, the arguments' types and shardings, the devices and host CPU, JAX's
+    configuration and tracing context, XLA_FLAGS, the versions of JAX, jaxlib, flax, optax and NumPy,
+    and a digest of jaxunlearn's source as imported (nothing is stored or loaded once those files change
+    under a running process). What it cannot see is code changed at run time (a patched function):
+    such a process should run with the cache off. Entries are pickled executables: load only a folder
+    you trust (your own), as with JAX's own cache."""
 
     def __init__(self, fn, name: str, spec: dict | None = None, compiler_options: dict | None = None,
-                 donate_argnums=()):
+                 donate_argnums=(), devices=None):
         named = functools.wraps(fn)(lambda *args: fn(*args))
         named.__name__ = named.__qualname__ = name  # "jit(epoch)" in JAX's logs and CompileCounter's names
         self.jitted = jax.jit(named, donate_argnums=donate_argnums)
-        self.name, self.spec, self.options = name, spec, compiler_options
+        self.name, self.spec, self.options, self.devices = name, spec, compiler_options, devices
         self._compiled: dict = {}
 
-    def lower(self, *args):
-        return self.jitted.lower(*args)
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         leaves, tree = jax.tree.flatten(args)
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
-            return self.jitted(*args)
-        sig = (tree, tuple(_leaf_signature(x) for x in leaves))
+        if kwargs or _plain_jax_wanted() or any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return self.jitted(*args, **kwargs)
+        sig = (tree, tuple(_leaf_signature(x) for x in leaves), _context_key())
         compiled = self._compiled.get(sig)
         if compiled is None:
             compiled = self._compiled[sig] = self._load_or_compile(args, sig)
@@ -298,11 +387,12 @@ class Program:
 
     def _path(self, sig) -> str | None:
         folder = jax.config.jax_compilation_cache_dir
-        if self.spec is None or not folder:
+        source = _source_digest() if self.spec is not None and folder else None
+        if source is None:
             return None
-        tree, leaves = sig
+        tree, leaves, _ = sig
         key = {"name": self.name, "spec": self.spec, "options": self.options, "tree": str(tree),
-               "args": [[t, None if s is None else str(s)] for t, s in leaves], "env": _environment()}
+               "args": [[t, None if s is None else str(s)] for t, s in leaves], "env": _environment(source)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         return os.path.join(folder, "jaxunlearn", "programs", f"{self.name}-{digest[:40]}.pkl")
 
@@ -315,30 +405,31 @@ class Program:
             try:
                 with open(path, "rb") as f:
                     blob, in_tree, out_tree = pickle.load(f)
-                compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
-                                                                     execution_devices=jax.devices())
+                devices = list(self.devices or jax.devices())
+                compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
+                                                                     execution_devices=devices)
                 _count_loaded(f"{self.name} (stored)", time.perf_counter() - t)
                 return compiled
-            except Exception:  # noqa: BLE001 - unreadable or from elsewhere: compile it again
-                pass
+            except Exception as e:  # noqa: BLE001 - unreadable, or built elsewhere: compiled (and stored) again
+                warnings.warn(f"jaxunlearn: stored program {os.path.basename(path)} did not load "
+                              f"({type(e).__name__}: {str(e)[:200]}); compiling it again", stacklevel=3)
         lowered = self.jitted.lower(*args)
         if path is None:
             return _compile(lowered, self.options)
-        # compiled now, not read from JAX's cache: an executable JAX read from its cache serializes
-        # without its kernels on CPU (jaxlib 0.10.2: "Function ... not found" when the copy runs; tested)
-        enabled = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)
-        try:
-            compiled = _compile(lowered, self.options)
-        finally:
-            jax.config.update("jax_enable_compilation_cache", enabled)
+        compiled = _compile_without_jax_cache(lowered, self.options)
         try:
             data = pickle.dumps(serialize_executable.serialize(compiled))
-        except Exception:  # noqa: BLE001 - an executable this backend cannot serialize: not stored
+        except Exception:  # noqa: BLE001 - not serializable (host callbacks, a backend without it): not stored
             return compiled
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # whole or not at all; two writers of one key write equivalent programs
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # whole or not at all; two writers of one key write equivalent programs
+        except OSError as e:  # a full disk or a quota: the run goes on without storing it
+            warnings.warn(f"jaxunlearn: could not store program {self.name} in {os.path.dirname(path)} "
+                          f"({e.strerror or e}); it will be compiled again next time", stacklevel=3)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         return compiled

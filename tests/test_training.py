@@ -202,3 +202,14 @@ def test_memory_estimate_bounds_what_xla_allocates_and_needs_no_compile(digits):
     per_model = 3 * est["state"] + digits.n_train + 64
     assert auto_chunk(est, digits.n_train, 1, 10**6, budget=10**9) == (10**9 - est["step"]) // per_model
     assert auto_chunk(est, digits.n_train, 1, 7, budget=10**9) == 7
+
+
+def test_trainer_spec_describes_only_the_functions_make_trainer_made(digits):
+    """A stored program is keyed by the trainer's spec: a function swapped in with ``_replace`` is not
+    what the spec describes, so such a trainer has none (its programs are compiled, never stored)."""
+    from jaxunlearn.training.step import trainer_spec
+
+    tr = _trainer(digits, RECIPES["digits-mlp"], np.ones((2, digits.n_train), bool))
+    assert trainer_spec(tr) is tr.spec and tr.spec["recipe"]["model"] == "mlp"
+    assert trainer_spec(tr._replace(logits=lambda p, s, x: tr.logits(p, s, x) * 2)) is None
+    assert trainer_spec(tr._replace(spec={**tr.spec, "eval_batch": 7})) is None

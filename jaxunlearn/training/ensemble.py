@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxunlearn.compile_cache import Program
 from jaxunlearn.metrics.margins import margins_from_logits
-from jaxunlearn.training.step import ModelState, Trainer
+from jaxunlearn.training.step import ModelState, Trainer, trainer_spec
 from jaxunlearn.training.strategy import split_devices
 
 
@@ -155,8 +155,8 @@ class EnsembleFns:
         # None on one device: uncommitted, as before, so the results may still move to other devices
         multi = len(self.devices) > 1
         self.models_sharding = NamedSharding(models_mesh(self.devices), P("models")) if multi else None
-        spec = trainer.spec and {**trainer.spec, "models": n_models, "vmap_width": vmap_width,
-                                 "devices": [d.id for d in self.devices]}
+        spec = trainer_spec(trainer)
+        spec = spec and {**spec, "models": n_models, "vmap_width": vmap_width, "devices": [d.id for d in self.devices]}
         init_model, outputs = _init_models(trainer), _outputs(trainer)
 
         def program(name, single, replicated=(), **kw):
@@ -164,7 +164,7 @@ class EnsembleFns:
             ``replicated``: split over the devices, each in this chunk's vmap layout."""
             fn = (over_devices(single, self.devices, n_models, vmap_width, replicated) if multi
                   else over_models(single, n_models, vmap_width, replicated))
-            return Program(fn, name, spec and {**spec, "program": name}, **kw)
+            return Program(fn, name, spec and {**spec, "program": name}, devices=self.devices, **kw)
 
         self.init = program("init", trainer.init, compiler_options=init_compiler_options(self.devices))
         self.init_models = program("init_models", init_model, (0,),

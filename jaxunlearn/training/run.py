@@ -502,12 +502,12 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                 saving.result()
             if not np.all(np.isfinite(logits)):
                 raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
+            if _finish_chunk(tmp, final, {"logits": logits, "margins": margins, "correct": correct}, ids,
+                             {"models": ids.tolist(), "seconds": time.time() - tc}):
+                trained += k
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing of this chunk is left behind
             raise
-        if _finish_chunk(tmp, final, {"logits": logits, "margins": margins, "correct": correct}, ids,
-                         {"models": ids.tolist(), "seconds": time.time() - tc}):
-            trained += k
     wall = time.time() - t0
     missing = missing_chunks(out, n_chunks)
     if missing:  # other workers' chunks are still to come; whoever finishes last assembles

@@ -41,8 +41,19 @@ class Trainer(NamedTuple):
     embed: Callable  # (params, batch_stats, images u8[n,...]) -> f32[n, D] penultimate features
     apply_images: Callable  # (params, batch_stats, images u8[B,...], train) -> (logits f32[B, C], batch_stats)
     # make_trainer's arguments (JSON-able): everything these functions close over, so a program built
-    # from them can be stored and found again by it (compile_cache.Program); None: not known
+    # from them can be stored and found again by it (compile_cache.Program); None: not known.
+    # :func:`trainer_spec` checks that the functions are still the ones it describes
     spec: dict | None = None
+
+
+def trainer_spec(trainer: Trainer) -> dict | None:
+    """``trainer.spec`` if every function of ``trainer`` is one ``make_trainer`` made with it (a
+    function swapped in by ``_replace`` is not described by it); else None."""
+    spec = trainer.spec
+    fns = (getattr(trainer, name) for name in Trainer._fields if name != "spec")
+    if spec is None or any(getattr(fn, "_jaxunlearn_spec", None) is not spec for fn in fns):
+        return None
+    return spec
 
 
 def smoothed_cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -143,7 +154,15 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
     def embed(params, batch_stats, images):
         return over_points(images, lambda x: apply(params, batch_stats, x, False, features=True)[0])
 
-    spec = {"recipe": recipe.to_dict(), "num_classes": int(num_classes), "image_shape": [int(d) for d in image_shape],
-            "mean": [float(v) for v in np.ravel(mean)], "std": [float(v) for v in np.ravel(std)],
-            "steps_per_epoch": int(steps_per_epoch), "conv_impl": conv_impl, "eval_batch": int(eval_batch)}
-    return Trainer(init, train_step, batches, run_epoch, logits, embed, apply_images, spec)
+    fns = (init, train_step, batches, run_epoch, logits, embed, apply_images)
+    # a spec only for models defined in this package: the stored-program key covers its source, not a
+    # model class registered from elsewhere
+    spec = None
+    if type(model).__module__.startswith("jaxunlearn."):
+        spec = {"recipe": recipe.to_dict(), "num_classes": int(num_classes),
+                "image_shape": [int(d) for d in image_shape], "mean": [float(v) for v in np.ravel(mean)],
+                "std": [float(v) for v in np.ravel(std)], "steps_per_epoch": int(steps_per_epoch),
+                "conv_impl": conv_impl, "eval_batch": int(eval_batch)}
+        for fn in fns:  # which functions the spec describes: a Trainer._replace'd function is not among them
+            fn._jaxunlearn_spec = spec
+    return Trainer(*fns, spec)
