@@ -290,6 +290,8 @@ def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress
     data = prepare_data(cfg)
     dm_dir, full_dir, base_done = train_base_share(cfg, data, out, progress, worker)
     needs = [s for s in cfg.forget_sets if parse_forget_spec(s, data.dataset.n_train)[0] in NEEDS_MODELS]
+    if needs and not base_done:  # the others may have finished meanwhile (this trains nothing: checks, assembles)
+        base_done = train_base_share(cfg, data, out, False, worker)[2]
     if needs and not base_done:
         log(f"worker {worker[0]}/{worker[1]}: forget sets {', '.join(needs)} need the finished base ensembles; "
             "their oracles come in a later stage (this command again once every worker is done, or `pipeline`)")
@@ -301,7 +303,13 @@ def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress
     else:  # none of them needs a trained model
         forget = make_forget_sets(cfg, data.dataset, None, None)
     done = train_oracles(cfg, data, forget, out, progress, worker)
-    return base_done and all(done.values())
+    if base_done and all(done.values()):
+        return True
+    # each ensemble was checked when this worker finished its share of it; the others may have finished
+    # theirs since. Checked again now (nothing left to train here: checks and assembles), so the worker
+    # that finishes last sees every ensemble complete, whichever ensemble each worker finished last
+    base_done = train_base_share(cfg, data, out, False, worker)[2]
+    return base_done and all(train_oracles(cfg, data, forget, out, False, worker).values())
 
 
 def fit_attribution(cfg: PipelineConfig, dm_dir: str, forget: dict, out: str) -> tuple[dict, dict]:
