@@ -384,9 +384,9 @@ def run(argv=None) -> None:
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if others or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
     atexit._run_exitfuncs()  # what a normal exit runs: logging's flush, JAX's own handlers
+    sys.stdout.flush()  # after them: what they print too
+    sys.stderr.flush()
     os._exit(code)
 
 

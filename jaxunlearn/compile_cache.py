@@ -219,7 +219,9 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _source_files() -> list[str]:
-    return sorted(os.path.join(folder, f) for folder, _, files in os.walk(_PACKAGE) for f in files if f.endswith(".py"))
+    """The package's modules (an editor's ``.#name.py`` lock links and other dot files left out)."""
+    return sorted(os.path.join(folder, f) for folder, _, files in os.walk(_PACKAGE) for f in files
+                  if f.endswith(".py") and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
 
 
 def _source_stats() -> tuple:
@@ -255,8 +257,12 @@ def _imported_digest() -> str:
 
 
 def _source_digest() -> str | None:
-    """The digest of the package's source as imported; None once any file has changed since."""
-    return _imported_digest() if _source_stats() == _IMPORTED else None
+    """The digest of the package's source as imported; None once any file has changed since (or
+    cannot be read)."""
+    try:
+        return _imported_digest() if _source_stats() == _IMPORTED else None
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -354,8 +360,9 @@ class Program:
 
     Inside a trace (``jax.eval_shape``, another jit), with keyword arguments, or under
     ``jax.disable_jit`` / ``jax_debug_nans`` / ``jax_debug_infs``, it is the plain jitted function
-    (without ``compiler_options``); so is ``lower``. ``devices``: those its programs run on (where a
-    stored one is loaded; default: the default backend's).
+    (without ``compiler_options``); so is ``lower``. ``devices``: those its programs may run on (a
+    stored one is loaded onto the devices it was compiled for, found among these; default: the
+    default backend's). A stored program that loads but fails to run is removed and compiled again.
 
     The key holds the spec, the arguments' types and shardings, the devices and host CPU, JAX's
     configuration and tracing context, XLA_FLAGS, the versions of JAX, jaxlib, flax, optax and NumPy,
@@ -366,11 +373,18 @@ class Program:
 
     def __init__(self, fn, name: str, spec: dict | None = None, compiler_options: dict | None = None,
                  donate_argnums=(), devices=None):
-        named = functools.wraps(fn)(lambda *args: fn(*args))
-        named.__name__ = named.__qualname__ = name  # "jit(epoch)" in JAX's logs and CompileCounter's names
-        self.jitted = jax.jit(named, donate_argnums=donate_argnums)
-        self.name, self.spec, self.options, self.devices = name, spec, compiler_options, devices
+        self.fn, self.name, self.spec, self.options, self.devices = fn, name, spec, compiler_options, devices
+        self.donate_argnums = donate_argnums
+        self.jitted = self._jit()
         self._compiled: dict = {}
+
+    def _jit(self):
+        """A new ``jax.jit`` of a new function object: a new trace, a new lowered program, so none of
+        JAX's in-memory caches can hand back an executable it read from its persistent cache."""
+        fn = self.fn
+        named = functools.wraps(fn)(lambda *args: fn(*args))
+        named.__name__ = named.__qualname__ = self.name  # "jit(epoch)" in JAX's logs and CompileCounter's names
+        return jax.jit(named, donate_argnums=self.donate_argnums)
 
     def lower(self, *args, **kwargs):
         return self.jitted.lower(*args, **kwargs)
@@ -382,7 +396,21 @@ class Program:
         sig = (tree, tuple(_leaf_signature(x) for x in leaves), _context_key())
         compiled = self._compiled.get(sig)
         if compiled is None:
-            compiled = self._compiled[sig] = self._load_or_compile(args, sig)
+            compiled, path = self._load(sig)
+            if compiled is not None:
+                try:  # a stored program that loads but cannot run (built for other devices, damaged)
+                    out = compiled(*args)
+                except Exception as e:  # noqa: BLE001 - JAX reports it as a runtime error
+                    with contextlib.suppress(OSError):
+                        os.remove(path)  # compiled (and stored) again, here or by the next process
+                    if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
+                        raise  # its donated arguments are gone: nothing to run again on
+                    warnings.warn(f"jaxunlearn: stored program {os.path.basename(path)} failed to run "
+                                  f"({type(e).__name__}: {str(e)[:200]}); compiling it again", stacklevel=2)
+                else:
+                    self._compiled[sig] = compiled
+                    return out
+            compiled = self._compiled[sig] = self._compile_and_store(args, path)
         return compiled(*args)
 
     def _path(self, sig) -> str | None:
@@ -396,29 +424,38 @@ class Program:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         return os.path.join(folder, "jaxunlearn", "programs", f"{self.name}-{digest[:40]}.pkl")
 
-    def _load_or_compile(self, args, sig):
+    def _load(self, sig):
+        """(the stored program of ``sig`` or None, the path it is stored under or None)."""
         from jax.experimental import serialize_executable
 
         path = self._path(sig)
-        if path is not None and os.path.isfile(path):
-            t = time.perf_counter()
-            try:
-                with open(path, "rb") as f:
-                    blob, in_tree, out_tree = pickle.load(f)
-                devices = list(self.devices or jax.devices())
-                compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
-                                                                     execution_devices=devices)
-                _count_loaded(f"{self.name} (stored)", time.perf_counter() - t)
-                return compiled
-            except Exception as e:  # noqa: BLE001 - unreadable, or built elsewhere: compiled (and stored) again
-                warnings.warn(f"jaxunlearn: stored program {os.path.basename(path)} did not load "
-                              f"({type(e).__name__}: {str(e)[:200]}); compiling it again", stacklevel=3)
-        lowered = self.jitted.lower(*args)
-        if path is None:
-            return _compile(lowered, self.options)
-        compiled = _compile_without_jax_cache(lowered, self.options)
+        if path is None or not os.path.isfile(path):
+            return None, path
+        t = time.perf_counter()
         try:
-            data = pickle.dumps(serialize_executable.serialize(compiled))
+            with open(path, "rb") as f:
+                blob, in_tree, out_tree, device_ids = pickle.load(f)
+            by_id = {d.id: d for d in (self.devices or jax.devices())}
+            devices = [by_id[i] for i in device_ids]  # the devices it was compiled for, in its order
+            compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
+                                                                 execution_devices=devices)
+        except Exception as e:  # noqa: BLE001 - unreadable, or built elsewhere: compiled (and stored) again
+            warnings.warn(f"jaxunlearn: stored program {os.path.basename(path)} did not load "
+                          f"({type(e).__name__}: {str(e)[:200]}); compiling it again", stacklevel=3)
+            return None, path
+        _count_loaded(f"{self.name} (stored)", time.perf_counter() - t)
+        return compiled, path
+
+    def _compile_and_store(self, args, path: str | None):
+        from jax.experimental import serialize_executable
+
+        if path is None:
+            return _compile(self.jitted.lower(*args), self.options)
+        # a fresh trace, compiled without JAX's persistent cache: see _jit and _compile_without_jax_cache
+        compiled = _compile_without_jax_cache(self._jit().lower(*args), self.options)
+        try:
+            device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+            data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
         except Exception:  # noqa: BLE001 - not serializable (host callbacks, a backend without it): not stored
             return compiled
         tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"

@@ -133,7 +133,8 @@ def test_a_stored_program_loads_without_tracing_and_gives_the_same_bits(tmp_path
         assert len(traced) == 4 and len(os.listdir(folder)) == 3
         for name in os.listdir(folder):  # damaged entries: compiled again, and stored whole again
             (folder / name).write_bytes(b"not an executable")
-        third = Program(f, "probe", spec)(x, y)
+        with pytest.warns(UserWarning, match="did not load"):
+            third = Program(f, "probe", spec)(x, y)
         assert len(traced) == 5 and np.asarray(third[0]).tobytes() == np.asarray(first[0]).tobytes()
         p = Program(f, "probe", spec)
         p(x, y)  # the damaged entry was replaced by a whole one
@@ -170,8 +171,13 @@ enable_compile_cache(sys.argv[1])
 jax.jit(lambda x: x + 1)(jnp.ones(2))  # something compiled first: JAX has decided to use its cache
 counter = CompileCounter()
 spec = None if sys.argv[2] == "none" else {"variant": sys.argv[2]}
-out = Program(lambda x: jnp.sin(x) @ x.T, "probe", spec)(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4))
-print(json.dumps({"out": np.asarray(out).tolist(), **counter.snapshot()}))
+program = Program(lambda x: jnp.sin(x) @ x.T, "probe", spec)
+x = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+if sys.argv[3] == "plain-first":  # the plain jitted function first (JAX's in-memory caches then hold it)
+    with jax.debug_nans(True):
+        program(x)
+out = program(x)
+print(json.dumps({"out": np.asarray(out).tolist(), "devices": len(jax.devices()), **counter.snapshot()}))
 """
 
 
@@ -181,10 +187,12 @@ def test_a_program_stored_after_jax_had_it_cached_still_runs_in_a_new_process(tm
     process ("Function ... not found"); the stored one must run and give the same bits."""
     cache = str(tmp_path / "cache")
 
-    def probe(variant):
-        r = subprocess.run([sys.executable, "-c", PROBE, cache, variant], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+    def probe(variant, first="", devices=1):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        r = subprocess.run([sys.executable, "-c", PROBE, cache, variant, first], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "did not load" not in r.stderr and "failed to run" not in r.stderr, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     plain = probe("none")  # compiled and written to JAX's cache only
@@ -194,3 +202,11 @@ def test_a_program_stored_after_jax_had_it_cached_still_runs_in_a_new_process(tm
     loaded = probe("b")
     assert loaded["names"] == ["probe (stored)"] and loaded["compiled"] == 0
     assert loaded["out"] == stored["out"] == plain["out"]
+    # the plain jitted function first (a JAX cache hit, kept in JAX's in-memory caches), then stored
+    probe("c", "plain-first")
+    assert probe("c")["names"] == ["probe (stored)"]
+    # two devices, a program on one of them (uncommitted inputs): loaded onto that one again
+    stored2 = probe("d", devices=2)
+    loaded2 = probe("d", devices=2)
+    assert stored2["devices"] == loaded2["devices"] == 2 and loaded2["names"] == ["probe (stored)"]
+    assert loaded2["out"] == plain["out"]

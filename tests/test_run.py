@@ -229,6 +229,20 @@ def test_chunks_from_before_checksums_are_adopted_not_retrained(reference_run, t
     assert np.array_equal(load_run(out)["margins"], load_run(reference_run)["margins"])
 
 
+def test_rerunning_a_finished_run_rewrites_nothing(reference_run, tmp_path, capsys):
+    """A finished, intact run is checked, not assembled again: a job-array worker checking it once more
+    must not rewrite files another process may be reading."""
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    files = ("margins.npy", "logits.npy", "checksums.json", "summary.json", "accuracy.json")
+    before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in files}
+    time.sleep(0.01)
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", out]) == 0
+    assert "(0 now)" in capsys.readouterr().out
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in files} == before
+
+
 def test_chunks_that_kept_only_logits_are_assembled_from_them(reference_run, tmp_path, capsys):
     """Chunks written before chunks kept their margins (outputs.npz: logits and model ids only) are
     assembled from their logits, not re-trained."""

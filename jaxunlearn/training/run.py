@@ -513,6 +513,16 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     if missing:  # other workers' chunks are still to come; whoever finishes last assembles
         return {"complete": False, "models": cfg.models, "models_trained_now": trained, "wall_seconds": wall,
                 "chunks_missing": len(missing), "chunks": n_chunks}
+    if not trained and verify_folder(out) is None:
+        # assembled already and intact (a re-run, or a job-array worker checking again): nothing is
+        # rewritten, so another process reading the run meanwhile never sees it half-written
+        try:
+            with open(os.path.join(out, "summary.json")) as f:
+                done = json.load(f)
+            return {**done, "models_trained_now": 0, "wall_seconds": wall, "models_per_hour": None,
+                    "compile": {**counter.snapshot(), "cache_dir": jax.config.jax_compilation_cache_dir}}
+        except (OSError, ValueError):  # no summary: assembled again below
+            pass
     # a lone process just verified every chunk; a worker checks the others' too
     return assemble_run(out, dataset, wall_seconds=wall, models_trained=trained, verify=worker is not None,
                         counter=counter)
@@ -544,10 +554,9 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
     if verify:
         _raise_if_damaged(out)
     chunks_dir = os.path.join(out, "chunks")
-    try:
-        os.remove(os.path.join(out, CHECKSUMS))  # until the new files are all written
-    except FileNotFoundError:
-        pass
+    # each file is replaced whole and the checksums come last: a reader (another worker assembling the
+    # same bytes meanwhile) sees old or new files, and a crash in between leaves files that fail the old
+    # checksums, so the run is rebuilt
     names = sorted(n for n in os.listdir(chunks_dir) if not n.startswith("."))
     logits, margins, correct = (np.concatenate(a) for a in
                                 zip(*(_chunk_outputs(os.path.join(chunks_dir, n), dataset.all_labels) for n in names)))

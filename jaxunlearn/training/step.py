@@ -159,7 +159,9 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
     # model class registered from elsewhere
     spec = None
     if type(model).__module__.startswith("jaxunlearn."):
-        spec = {"recipe": recipe.to_dict(), "num_classes": int(num_classes),
+        # the model itself (class and fields): MODELS is a registry a user may add to or change
+        spec = {"model": f"{type(model).__module__}.{type(model).__qualname__}", "model_repr": repr(model),
+                "recipe": recipe.to_dict(), "num_classes": int(num_classes),
                 "image_shape": [int(d) for d in image_shape], "mean": [float(v) for v in np.ravel(mean)],
                 "std": [float(v) for v in np.ravel(std)], "steps_per_epoch": int(steps_per_epoch),
                 "conv_impl": conv_impl, "eval_batch": int(eval_batch)}
