@@ -119,12 +119,18 @@ def outputs_compiler_options(devices) -> dict | None:
     return {"xla_cpu_use_fusion_emitters": False} if devices[0].platform == "cpu" else None
 
 
+def margins_and_correct(logits, labels):
+    """What a run keeps of logits f32[..., n, C] besides them: margins f32[..., n] and correct flags
+    bool[..., n] (labels i32[n])."""
+    return margins_from_logits(logits, labels), logits.argmax(-1) == labels
+
+
 def _outputs(trainer: Trainer):
     """What a trained model's run keeps, computed where its logits are: (logits f32[n, C],
     margins f32[n], correct bool[n]) on images u8|f32[n, ...] with labels i32[n]."""
     def outputs(params, batch_stats, images, labels):
         logits = trainer.logits(params, batch_stats, images).astype(jnp.float32)
-        return logits, margins_from_logits(logits, labels), logits.argmax(-1) == labels
+        return logits, *margins_and_correct(logits, labels)
     return outputs
 
 

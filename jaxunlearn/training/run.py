@@ -39,8 +39,7 @@ import numpy as np
 from jaxunlearn.compile_cache import CompileCounter, remembered
 from jaxunlearn.data.datasets import Dataset
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics.margins import margins_from_logits
-from jaxunlearn.training.ensemble import EnsembleFns, train_ensemble
+from jaxunlearn.training.ensemble import EnsembleFns, margins_and_correct, train_ensemble
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import ensemble_layout, split_devices
@@ -520,7 +519,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             with open(os.path.join(out, "summary.json")) as f:
                 done = json.load(f)
             return {**done, "models_trained_now": 0, "wall_seconds": wall, "models_per_hour": None,
-                    "compile": {**counter.snapshot(), "cache_dir": jax.config.jax_compilation_cache_dir}}
+                    "compile": _compile_summary(counter)}
         except (OSError, ValueError):  # no summary: assembled again below
             pass
     # a lone process just verified every chunk; a worker checks the others' too
@@ -528,11 +527,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                         counter=counter)
 
 
-@jax.jit
-def _outputs_of_logits(logits, labels):
-    """Margins f32[k, n] and correct flags bool[k, n] of logits f32[k, n, C]: for chunks written before
-    chunks kept them (new chunks get them from the program that computes their logits)."""
-    return margins_from_logits(logits, labels), logits.argmax(-1) == labels
+# for chunks written before chunks kept margins (new chunks get them from the program of their logits)
+_outputs_of_logits = jax.jit(margins_and_correct)
 
 
 def _chunk_outputs(folder: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -542,6 +538,11 @@ def _chunk_outputs(folder: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
             return z["logits"], z["margins"], z["correct"]
         logits = z["logits"]
     return (logits, *(np.asarray(a) for a in _outputs_of_logits(logits, labels)))
+
+
+def _compile_summary(counter: CompileCounter) -> dict:
+    """summary.json's ``compile``: what this process compiled since ``counter`` started, and the cache."""
+    return {**counter.snapshot(), "cache_dir": jax.config.jax_compilation_cache_dir}
 
 
 def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
@@ -569,8 +570,7 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
                "wall_seconds": wall_seconds,
                "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None,
-               "compile": {**counter.snapshot(),
-                           "cache_dir": jax.config.jax_compilation_cache_dir}}
+               "compile": _compile_summary(counter)}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     write_json_atomic(os.path.join(out, CHECKSUMS), {f: sha256_file(os.path.join(out, f)) for f in ASSEMBLED})
     return summary
