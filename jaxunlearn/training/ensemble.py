@@ -102,20 +102,21 @@ def over_devices(fn: Callable, devices, n_models: int, vmap_width: int, replicat
 
 def init_compiler_options(devices) -> dict | None:
     """Init runs once per chunk, so on CPU it is compiled without backend optimisation and with
-    XLA's older fusion emitters: its threefry draws took 2.7 s of XLA CPU compiling for 64 digits
-    CNNs, 0.4 s at level 0; for 64 digits MLPs (keys and init in one program) 1.62 s by default,
-    0.36 s at level 0, 0.21 s with the older emitters too; bit-identical values each way (tested).
-    Elsewhere the default (on GPU level 0 would also stop multiply-add contraction)."""
+    XLA's older fusion emitters: keys and init of 64 digits models compile in 2.6 s (MLP) / 2.0 s
+    (CNN) by default, 0.52 / 0.65 s at level 0, 0.34 / 0.42 s with the older emitters too, with the
+    same bits (``benchmarks/compile_options.py``; bit-identical values tested). Elsewhere the default
+    (on GPU level 0 would also stop multiply-add contraction)."""
     if devices[0].platform != "cpu":
         return None
     return {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def outputs_compiler_options(devices) -> dict | None:
-    """The outputs (logits, margins) run once per chunk: on CPU with XLA's older fusion emitters,
-    which compile faster (64 digits MLPs: 0.19 vs 0.27 s compiling, then 0.044 vs 0.035 s running;
-    64 digits CNNs: 0.22 vs 0.42 s, then 0.89 vs 0.92 s). Not the epoch: it runs many times, and
-    ran 6-30 % slower per epoch with them (CNN, MLP)."""
+    """The outputs (logits, margins) run once per chunk: on CPU with XLA's older fusion emitters, which
+    compile faster (64 digits MLPs: 0.31 vs 0.36 s, then 0.050 vs 0.038 s running; CNNs: 0.52 vs
+    0.76 s, then 1.21 vs 1.25 s; ``benchmarks/compile_options.py``). Not the epoch, which runs many
+    times: with them the MLP epoch ran 24 % slower (0.076 vs 0.062 s), and the CNN epoch's bits differ
+    from the default's."""
     return {"xla_cpu_use_fusion_emitters": False} if devices[0].platform == "cpu" else None
 
 
