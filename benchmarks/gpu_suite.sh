@@ -4,6 +4,9 @@
 #           strategy probe (full ResNet-9, bf16, M=8, conv formulations x vmap widths)
 #   final : throughput M=8 with the FLOP count, baseline/MIA tests, and the whole demo on the GPU
 #   scale : full ResNet-9 recipe on CIFAR-10-shaped data (50,000 points, alpha 0.5) at M = 8, 32, 128
+#   peer  : the paper's ResNet-9 recipe on cifar10-mini (DATA_DIR), ours vs the PyTorch loop (channels-last,
+#           bf16 autocast, cuDNN autotuning), M = MODELS models each, on the same card (benchmarks/peer_torch.py);
+#           TILE=10 repeats the training images 10x: the paper's per-model work (25,000 images, 49 steps an epoch)
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
 stage=$1; out=$2; mkdir -p "$out"
@@ -34,5 +37,11 @@ final)
   run timeout 200 $py -m pytest -q -x -p no:cacheprovider tests/test_baselines.py tests/test_mia.py
   run timeout 300 $py -m jaxunlearn.cli demo --out /tmp/gpu-demo --no-progress
   cp /tmp/gpu-demo/results.json "$out/gpu_demo_results.json"; cp /tmp/gpu-demo/pareto.png "$out/gpu_demo_pareto.png"
+  ;;
+peer)
+  m=${MODELS:-32}; tile=${TILE:-1}
+  run timeout ${TIMEOUT:-420} $py benchmarks/peer_torch.py --configs "resnet9:$m" --device cuda --tile-train "$tile" \
+      --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" --skip "torch-vmap@resnet9:$m" \
+      --json "$out/gpu_peer_torch_resnet9_m${m}_tile$tile.json"
   ;;
 esac

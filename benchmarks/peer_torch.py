@@ -38,6 +38,7 @@ warm cache) and for the steady state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,26 +51,60 @@ from jaxunlearn.cpu_devices import cpu_cores as cores  # imports no JAX: the tor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-RECIPE = {"mlp": "digits-mlp", "cnn": "digits-cnn"}
+# model -> (data set, built-in recipe): the recipe `jaxunlearn train` uses for that model on that data
+PEER_MODELS = {"mlp": ("digits", "digits-mlp"), "cnn": ("digits", "digits-cnn"),
+               "resnet9": ("cifar10", "cifar10-resnet9")}
+
+
+def peer_recipe(model: str, width=None, epochs=None, dtype=None):
+    """The built-in recipe of ``model`` with the benchmark's overrides (``epochs`` moves the lr peak to the
+    same fraction of training, as ``train --epochs`` does)."""
+    from jaxunlearn.training.recipe import load_recipe
+
+    return load_recipe(PEER_MODELS[model][1]).with_epochs(epochs).replace(width=width, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the data every implementation trains on (made with our code, saved as NumPy)
 
-def write_data(path: str, model: str, models: int, seed: int) -> dict:
-    from jaxunlearn.data import load_digits
-    from jaxunlearn.training.recipe import load_recipe
-    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
-
-    d = load_digits()
-    recipe = load_recipe(RECIPE[model])
-    masks = random_subset_masks(d.n_train, models, 0.5, seed)
+def write_data(path: str, recipe, models: int, seed: int, data_dir=None) -> dict:
+    """Writes the data set of ``recipe.model``, normalisation and α = 0.5 masks to ``path`` (npz); returns
+    the recipe's fields plus ``steps_per_epoch``, as every worker receives them."""
     import numpy as np
 
+    from jaxunlearn.data import load_dataset
+    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
+
+    d = load_dataset(PEER_MODELS[recipe.model][0], data_dir)
+    masks = random_subset_masks(d.n_train, models, 0.5, seed)
     np.savez(path, train_images=d.train_images, train_labels=d.train_labels, test_images=d.test_images,
              test_labels=d.test_labels, mean=np.asarray(d.mean, np.float32), std=np.asarray(d.std, np.float32),
              masks=masks)
     return {**recipe.to_dict(), "steps_per_epoch": steps_per_epoch(masks, recipe.batch_size)}
+
+
+def tiled_cifar10_archive(src: str, reps: int, dst: str) -> str:
+    """Writes the CIFAR-10 python archive at ``src`` with its training images repeated ``reps`` times
+    (test batch unchanged) to ``dst``, in the official layout, so that ``train --data-dir`` and every
+    worker read the same data: the paper recipe's per-model work (α = 0.5 of 50,000 images, 49 steps an
+    epoch) from the 5,085 real images of cifar10-mini. Returns ``dst``."""
+    import pickle
+
+    import numpy as np
+
+    from jaxunlearn.data.datasets import load_cifar10_archive
+
+    d = load_cifar10_archive(src)
+    rows = lambda x: np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), -1))  # noqa: E731  (channel-major)
+    x, y = np.tile(rows(d.train_images), (reps, 1)), np.tile(d.train_labels, reps)
+    os.makedirs(dst, exist_ok=True)
+    batches = [(f"data_batch_{i + 1}", part) for i, part in enumerate(np.array_split(np.arange(len(x)), 5))]
+    for name, idx in batches + [("test_batch", None)]:
+        data, labels = (x[idx], y[idx]) if idx is not None else (rows(d.test_images), d.test_labels)
+        with open(os.path.join(dst, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": data}, f,
+                        protocol=2)
+    return dst
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,15 +120,17 @@ def worker_ours(a) -> dict:
 
     use_one_cpu_device_per_core()
 
-    from jaxunlearn.data import load_digits
+    from jaxunlearn.data import load_dataset
     from jaxunlearn.training.ensemble import EnsembleFns, model_keys
-    from jaxunlearn.training.recipe import load_recipe
+    from jaxunlearn.training.recipe import recipe_from_fields
     from jaxunlearn.training.step import make_trainer
     from jaxunlearn.training.strategy import ensemble_layout
     from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
-    d = load_digits()
-    recipe = load_recipe(RECIPE[a.model])
+    fields = json.loads(a.recipe)
+    fields.pop("steps_per_epoch")
+    recipe = recipe_from_fields(fields)
+    d = load_dataset(PEER_MODELS[recipe.model][0], a.data_dir)
     masks = random_subset_masks(d.n_train, a.models, 0.5, a.seed)
     devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())  # as train_run lays out a chunk
     trainer = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std,
@@ -117,34 +154,79 @@ def worker_ours(a) -> dict:
 
 
 def _torch_setup(a):
+    """torch, the data on ``a.device`` (normalised f32[n, C, H, W]; channels-last memory on CUDA) and
+    the options of that device: CUDA runs in bf16 autocast with cuDNN autotuning, as a fast PyTorch
+    script does; the CPU in float32."""
     import numpy as np
     import torch
 
     torch.set_num_threads(cores())
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
     z = np.load(a.data)
-    mean, std = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"])
+    mean, std = torch.from_numpy(z["mean"]).to(dev), torch.from_numpy(z["std"]).to(dev)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
 
     def prep(u8):  # u8[n, H, W, C] -> normalised f32[n, C, H, W]
-        x = (torch.from_numpy(u8).float() - mean) / std
-        return x.permute(0, 3, 1, 2).contiguous()
+        x = (torch.from_numpy(u8).to(dev).float() - mean) / std
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
 
-    data = {"x": prep(z["train_images"]), "y": torch.from_numpy(z["train_labels"]).long(),
-            "xt": prep(z["test_images"]), "yt": torch.from_numpy(z["test_labels"]).long(),
-            "masks": z["masks"]}
+    data = {"x": prep(z["train_images"]), "y": torch.from_numpy(z["train_labels"]).long().to(dev),
+            "xt": prep(z["test_images"]), "yt": torch.from_numpy(z["test_labels"]).long().to(dev),
+            "masks": z["masks"], "device": dev, "format": fmt,
+            "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext,
+            "sync": torch.cuda.synchronize if cuda else (lambda: None)}
     return torch, data
 
 
-def _torch_model(torch, model: str, in_shape, num_classes: int = 10):
+def _torch_resnet9(nn, c_in: int, width: float, num_classes: int):
+    """Our ResNet-9 (jaxunlearn.models.nets.ResNet9) in PyTorch, channel for channel."""
+    c = lambda n: max(1, int(round(n * width)))  # noqa: E731
+
+    def cbn(i, o, k=3, stride=1, pad=1):
+        return nn.Sequential(nn.Conv2d(i, o, k, stride, pad, bias=False), nn.BatchNorm2d(o, eps=1e-5, momentum=0.1),
+                             nn.ReLU())
+
+    class Residual(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 0.2
+
+    return nn.Sequential(cbn(c_in, c(64)), cbn(c(64), c(128), 5, 2, 2),
+                         Residual(nn.Sequential(cbn(c(128), c(128)), cbn(c(128), c(128)))),
+                         cbn(c(128), c(256)), nn.MaxPool2d(2),
+                         Residual(nn.Sequential(cbn(c(256), c(256)), cbn(c(256), c(256)))),
+                         cbn(c(256), c(128), pad=0), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(c(128), num_classes, bias=False), Scale())
+
+
+def _torch_model(torch, model: str, in_shape, width: float = 1.0, num_classes: int = 10):
     nn = torch.nn
     c, h, w = in_shape
     if model == "mlp":
-        net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                            nn.Linear(128, num_classes))
-    else:
+        u = max(1, int(round(128 * width)))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, u), nn.ReLU(), nn.Linear(u, u), nn.ReLU(),
+                            nn.Linear(u, num_classes))
+    elif model == "cnn":
+        k = lambda n: max(1, int(round(n * width)))  # noqa: E731
+
         def cbn(i, o):
             return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o, eps=1e-5, momentum=0.1), nn.ReLU()]
-        net = nn.Sequential(*cbn(c, 16), *cbn(16, 32), nn.MaxPool2d(2), *cbn(32, 64), nn.AdaptiveAvgPool2d(1),
-                            nn.Flatten(), nn.Linear(64, num_classes))
+        net = nn.Sequential(*cbn(c, k(16)), *cbn(k(16), k(32)), nn.MaxPool2d(2), *cbn(k(32), k(64)),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(k(64), num_classes))
+    elif model == "resnet9":
+        net = _torch_resnet9(nn, c, width, num_classes)
+    else:
+        raise SystemExit(f"no PyTorch peer for model {model!r}; choose one of {', '.join(PEER_MODELS)}")
     for mod in net.modules():  # PyTorch's default weight init (ours copies it); biases zero, as ours
         if isinstance(mod, nn.Linear) and mod.bias is not None:
             nn.init.zeros_(mod.bias)
@@ -171,19 +253,24 @@ def _batches(np_masks, model: int, epoch: int, seed: int, batch: int, steps: int
     return order[np.arange(steps * batch) % len(order)].reshape(steps, batch)
 
 
-def _translate(torch, x, pad: int, gen):
-    """Per-example random translation by up to ``pad`` pixels (zero padding). x: f32[..., B, C, H, W]."""
-    if pad == 0:
+def _augment(torch, x, pad: int, flip: bool, gen):
+    """Per-example random translation by up to ``pad`` pixels (zero padding), then a horizontal flip with
+    probability 1/2 when ``flip``: ``jaxunlearn.data.augment`` in PyTorch. x: f32[..., B, C, H, W]."""
+    if pad == 0 and not flip:
         return x
     *lead, b, c, h, w = x.shape
     x = x.reshape(-1, c, h, w)
-    n = x.shape[0]
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
-    r = off[:, 0, None] + torch.arange(h)  # [n, h]
-    q = off[:, 1, None] + torch.arange(w)  # [n, w]
-    ni = torch.arange(n)[:, None, None]
-    x = xp.permute(0, 2, 3, 1)[ni, r[:, :, None], q[:, None, :]].permute(0, 3, 1, 2)
+    n, dev = x.shape[0], x.device
+    if pad:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=dev)
+        r = off[:, 0, None] + torch.arange(h, device=dev)  # [n, h]
+        q = off[:, 1, None] + torch.arange(w, device=dev)  # [n, w]
+        ni = torch.arange(n, device=dev)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[ni, r[:, :, None], q[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        coin = torch.rand(n, generator=gen, device=dev) < 0.5
+        x = torch.where(coin[:, None, None, None], x.flip(-1), x)
     return x.reshape(*lead, b, c, h, w)
 
 
@@ -192,34 +279,42 @@ def worker_torch_loop(a) -> dict:
     recipe = json.loads(a.recipe)
     masks, steps, bs = d["masks"], recipe["steps_per_epoch"], recipe["batch_size"]
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
-    gen = torch.Generator().manual_seed(a.seed)
+    dev, autocast, sync = d["device"], d["autocast"], d["sync"]
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    in_shape = tuple(d["x"].shape[1:])
     per_model, accs = [], []
     for m in range(a.models):
+        sync()
         t = time.perf_counter()
         torch.manual_seed(a.seed * 1_000_003 + m)
-        net = _torch_model(torch, a.model, tuple(d["x"].shape[1:]))
+        net = _torch_model(torch, recipe["model"], in_shape, recipe["width"]).to(dev, memory_format=d["format"])
         opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=recipe["momentum"], nesterov=recipe["nesterov"],
                               weight_decay=recipe["weight_decay"])
         net.train()
         step = 0
         for e in range(recipe["epochs"]):
-            idx = torch.from_numpy(_batches(masks, m, e, a.seed, bs, steps))
+            idx = torch.from_numpy(_batches(masks, m, e, a.seed, bs, steps)).to(dev)
             for s in range(steps):
-                xb = _translate(torch, d["x"][idx[s]], recipe["crop_pad"], gen)
+                xb = _augment(torch, d["x"][idx[s]], recipe["crop_pad"], recipe["flip"], gen)
+                xb = xb.contiguous(memory_format=d["format"])
                 for g in opt.param_groups:
                     g["lr"] = _lr(recipe, step)
                 opt.zero_grad(set_to_none=True)
-                loss_fn(net(xb), d["y"][idx[s]]).backward()
+                with autocast():
+                    loss = loss_fn(net(xb), d["y"][idx[s]])
+                loss.backward()
                 opt.step()
                 step += 1
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             accs.append(float((net(d["xt"]).argmax(-1) == d["yt"]).float().mean()))
+        sync()
         per_model.append(time.perf_counter() - t)
     # steady: the median model (the first one carries the warm-up), as seconds per epoch of all K models
     steady_model = statistics.median(per_model[1:]) if len(per_model) > 1 else per_model[0]
     return {"model_seconds": per_model, "steady_epoch_seconds": steady_model * a.models / recipe["epochs"],
-            "test_accuracy": float(sum(accs) / len(accs)), "threads": torch.get_num_threads()}
+            "test_accuracy": float(sum(accs) / len(accs)), "threads": torch.get_num_threads(),
+            "device": str(dev)}
 
 
 def worker_torch_vmap(a) -> dict:
@@ -230,18 +325,21 @@ def worker_torch_vmap(a) -> dict:
 
     recipe = json.loads(a.recipe)
     masks, steps, bs, k = d["masks"], recipe["steps_per_epoch"], recipe["batch_size"], a.models
-    gen = torch.Generator().manual_seed(a.seed)
+    dev, autocast, sync = d["device"], d["autocast"], d["sync"]
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    in_shape = tuple(d["x"].shape[1:])
     nets = []
     for m in range(k):
         torch.manual_seed(a.seed * 1_000_003 + m)
-        nets.append(_torch_model(torch, a.model, tuple(d["x"].shape[1:])))
+        nets.append(_torch_model(torch, recipe["model"], in_shape, recipe["width"]).to(dev))
     params, buffers = stack_module_state(nets)
-    base = _torch_model(torch, a.model, tuple(d["x"].shape[1:])).to("meta")
+    base = _torch_model(torch, recipe["model"], in_shape, recipe["width"]).to("meta")
     ls = recipe["label_smoothing"]
 
     def loss(p, b, x, y):
-        out = functional_call(base, (p, b), (x,))
-        return torch.nn.functional.cross_entropy(out, y, label_smoothing=ls)
+        with autocast():
+            out = functional_call(base, (p, b), (x,))
+            return torch.nn.functional.cross_entropy(out, y, label_smoothing=ls)
 
     grads_of = vmap(grad(loss), in_dims=(0, 0, 0, 0))
     opt = torch.optim.SGD(list(params.values()), lr=0.0, momentum=recipe["momentum"], nesterov=recipe["nesterov"],
@@ -249,10 +347,11 @@ def worker_torch_vmap(a) -> dict:
     base.train()
     epochs, step = [], 0
     for e in range(recipe["epochs"]):
+        sync()
         t = time.perf_counter()
-        idx = torch.from_numpy(np.stack([_batches(masks, m, e, a.seed, bs, steps) for m in range(k)], 1))  # [S, K, B]
-        for s in range(steps):
-            xb = _translate(torch, d["x"][idx[s]], recipe["crop_pad"], gen)  # [K, B, C, H, W]
+        idx = torch.from_numpy(np.stack([_batches(masks, m, e, a.seed, bs, steps) for m in range(k)], 1)).to(dev)
+        for s in range(steps):  # idx: [S, K, B]
+            xb = _augment(torch, d["x"][idx[s]], recipe["crop_pad"], recipe["flip"], gen)  # [K, B, C, H, W]
             g = grads_of(params, buffers, xb, d["y"][idx[s]])
             for name, p in params.items():
                 p.grad = g[name]
@@ -260,13 +359,14 @@ def worker_torch_vmap(a) -> dict:
                 group["lr"] = _lr(recipe, step)
             opt.step()
             step += 1
+        sync()
         epochs.append(time.perf_counter() - t)
     base.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         out = vmap(lambda p, b: functional_call(base, (p, b), (d["xt"],)))(params, buffers)
     acc = float((out.argmax(-1) == d["yt"][None]).float().mean())
-    return {"epoch_seconds": epochs, "steady_epoch_seconds": statistics.median(epochs[1:]), "test_accuracy": acc,
-            "threads": torch.get_num_threads()}
+    return {"epoch_seconds": epochs, "steady_epoch_seconds": statistics.median(epochs[1:] or epochs),
+            "test_accuracy": acc, "threads": torch.get_num_threads(), "device": str(dev)}
 
 
 WORKERS = {"ours": worker_ours, "torch-loop": worker_torch_loop, "torch-vmap": worker_torch_vmap}
@@ -293,23 +393,41 @@ def _timed(cmd, env=None, timeout=None) -> tuple[float, str | None, dict]:
 OMP_WAIT_POLICY = ""  # set by --omp-wait-policy; given to the torch processes
 
 
-def _worker(name: str, model: str, models: int, seed: int, data: str, recipe: dict, timeout=None):
+def _worker(name: str, models: int, seed: int, data: str, recipe: dict, opts, timeout=None):
     env = dict(os.environ)
     if name.startswith("torch") and OMP_WAIT_POLICY:
         env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
-    wall, out, load = _timed([sys.executable, os.path.abspath(__file__), "--worker", name, "--model", model,
-                              "--models", str(models), "--seed", str(seed), "--data", data, "--recipe",
-                              json.dumps(recipe)], env=env, timeout=timeout)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--models", str(models), "--seed", str(seed),
+           "--data", data, "--recipe", json.dumps(recipe), "--device", opts.device]
+    if opts.data_dir:
+        cmd += ["--data-dir", opts.data_dir]
+    wall, out, load = _timed(cmd, env=env, timeout=timeout)
     if out is None:
         return wall, {"timed_out": True, **load}
     return wall, {**json.loads(out.strip().splitlines()[-1]), **load}
 
 
-def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log, timeout=None) -> dict:
+def _steady(epoch_seconds: list) -> float:
+    """Median epoch time, the first epoch (which carries compiling and warm-up) left out when there are more."""
+    return statistics.median(epoch_seconds[1:] or epoch_seconds)
+
+
+def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log, opts, timeout=None) -> dict:
+    """One configuration, side by side: ours cold, warm and steady, then each torch variant, ``repeats``
+    times. ``opts``: width, epochs, dtype (overrides of the built-in recipe), device (of the torch
+    workers) and data_dir (for CIFAR-10)."""
+    import numpy as np
+
     tmp = tempfile.mkdtemp(prefix="peer-torch-")
     data = os.path.join(tmp, "data.npz")
-    recipe = write_data(data, model, models, seed)
-    epochs = recipe["epochs"]
+    rec = peer_recipe(model, opts.width, opts.epochs, opts.dtype)
+    recipe = write_data(data, rec, models, seed, opts.data_dir)
+    recipe_file = os.path.join(tmp, "recipe.json")
+    with open(recipe_file, "w") as f:
+        json.dump(rec.to_dict(), f)
+    dataset, epochs = PEER_MODELS[model][0], recipe["epochs"]
+    with np.load(data) as z:
+        n_train = int(z["masks"].shape[1])
     runs = {k: [] for k in ("ours_cold", "ours_warm", "ours_steady", "torch-loop", "torch-vmap")}
     acc: dict = {}
     for r in range(repeats):
@@ -317,20 +435,20 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
         env = {k: v for k, v in os.environ.items() if k != "JAXUNLEARN_CACHE_DIR"}
         for phase in ("cold", "warm"):
             out = os.path.join(tmp, f"run-{r}-{phase}")
-            wall, _, load = _timed([sys.executable, "-m", "jaxunlearn", "train", "--dataset", "digits", "--model",
-                                    model, "--models", str(models), "--seed", str(seed), "--out", out, "--no-progress",
-                                    "--compile-cache", cache], env)
+            cmd = [sys.executable, "-m", "jaxunlearn", "train", "--dataset", dataset, "--recipe", recipe_file,
+                   "--models", str(models), "--seed", str(seed), "--out", out, "--no-progress", "--compile-cache", cache]
+            wall, _, load = _timed(cmd + (["--data-dir", opts.data_dir] if opts.data_dir else []), env)
             summary = json.load(open(os.path.join(out, "summary.json")))
             runs[f"ours_{phase}"].append({"wall": wall, "compile": summary["compile"], **load})
             acc["ours"] = summary["mean_test_accuracy"]
             log(f"  {model}/{models} ours {phase}: {wall:.1f}s (compiled {summary['compile']['compiled']} programs)")
-        wall, res = _worker("ours", model, models, seed, data, recipe)
+        wall, res = _worker("ours", models, seed, data, recipe, opts)
         runs["ours_steady"].append({"wall": wall, **res})
-        log(f"  {model}/{models} ours steady: {statistics.median(res['epoch_seconds'][1:]):.3f}s/epoch")
+        log(f"  {model}/{models} ours steady: {_steady(res['epoch_seconds']):.3f}s/epoch ({res['layout']})")
         for name in ("torch-loop", "torch-vmap"):
             if f"{name}@{model}:{models}" in skip:
                 continue
-            wall, res = _worker(name, model, models, seed, data, recipe, timeout)
+            wall, res = _worker(name, models, seed, data, recipe, opts, timeout)
             runs[name].append({"wall": wall, **res})
             if res.get("timed_out"):
                 log(f"  {model}/{models} {name}: still running after {wall:.0f}s: stopped")
@@ -340,8 +458,11 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
                 f"acc {100 * res['test_accuracy']:.2f}%")
 
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-    ours_steady = med([statistics.median(x["epoch_seconds"][1:]) for x in runs["ours_steady"]])
-    row = {"model": model, "models": models, "epochs": epochs, "recipe": RECIPE[model], "repeats": repeats,
+    ours_steady = med([_steady(x["epoch_seconds"]) for x in runs["ours_steady"]])
+    row = {"model": model, "models": models, "epochs": epochs, "recipe": PEER_MODELS[model][1],
+           "recipe_fields": rec.to_dict(), "dataset": dataset, "n_train": n_train,
+           "tile_train": opts.tile_train,
+           "torch_device": opts.device, "repeats": repeats,
            "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
                     "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
                     "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"],
@@ -349,6 +470,8 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
            "raw": runs}
     row["ours"]["startup_cold"] = row["ours"]["wall_cold"] - epochs * ours_steady
     row["ours"]["startup_warm"] = row["ours"]["wall_warm"] - epochs * ours_steady
+    per_hour = lambda epoch_seconds: 3600 * models / (epochs * epoch_seconds)  # noqa: E731  (steady, whole recipe)
+    row["ours"]["models_per_hour"] = per_hour(ours_steady)
     for name in ("torch-loop", "torch-vmap"):
         done = [x for x in runs[name] if not x.get("timed_out")]
         if not done:  # left out, or stopped: its wall time is at least the timeout
@@ -357,7 +480,7 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
         wall = med([x["wall"] for x in done])
         steady = med([x["steady_epoch_seconds"] for x in done])
         row[name] = {"wall": wall, "steady_epoch_seconds": steady, "startup": wall - epochs * steady,
-                     "test_accuracy": acc[name]}
+                     "models_per_hour": per_hour(steady), "test_accuracy": acc[name]}
     torch_rows = {n: row[n] for n in ("torch-loop", "torch-vmap") if row[n] and "wall" in row[n]}
     if not torch_rows:
         row["void"], row["note"] = True, "no torch variant finished"
@@ -379,13 +502,17 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
 
 def table(rows) -> str:
     lines = ["| config | whole process (s): ours cold / ours warm / torch loop / torch vmap | ratio best torch ÷ ours "
-             "(cold / warm) | steady s/epoch: ours / best torch | ratio | start-up (s): ours cold / warm / best torch "
-             "| test acc (%): ours / loop / vmap |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "(cold / warm) | steady s/epoch: ours / best torch | ratio | models/hour (steady): ours / best torch "
+             "| start-up (s): ours cold / warm / best torch | test acc (%): ours / loop / vmap |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = lambda x, p=1: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
+        w = r.get("recipe_fields", {}).get("width", 1.0)
+        name = r["model"] + ("" if w == 1.0 else f" w{w:g}") + \
+            ("" if r.get("tile_train", 1) == 1 else f" (train set x{r['tile_train']})") + \
+            ("" if r.get("torch_device", "cpu") == "cpu" else f" ({r['torch_device']}, {r['recipe_fields']['dtype']})")
         if "ratio_steady" not in r:
-            lines.append(f"| {r['model']}, {r['models']} models | {r.get('note')} | | | | | |")
+            lines.append(f"| {name}, {r['models']} models | {r.get('note')} | | | | | | |")
             continue
         o = r["ours"]
         lp, vm = ({} if x is None else x for x in (r["torch-loop"], r["torch-vmap"]))
@@ -395,10 +522,11 @@ def table(rows) -> str:
         bw = r[r["best_torch_wall"]]
         void = " **void**" if r["void"] else ""
         lines.append(
-            f"| {r['model']}, {r['models']} models{void} | {f(o['wall_cold'])} / {f(o['wall_warm'])} / "
+            f"| {name}, {r['models']} models{void} | {f(o['wall_cold'])} / {f(o['wall_warm'])} / "
             f"{f(lp and lp['wall'])} / {f(vm and vm['wall'])} | **{r['ratio_wall_cold']:.2f}** / "
             f"**{r['ratio_wall_warm']:.2f}** ({r['best_torch_wall']}) | {f(o['steady_epoch_seconds'], 3)} / "
             f"{f(bt['steady_epoch_seconds'], 3)} ({r['best_torch_steady']}) | **{r['ratio_steady']:.2f}** | "
+            f"{f(o.get('models_per_hour'), 0)} / {f(bt.get('models_per_hour'), 0)} | "
             f"{f(o['startup_cold'])} / {f(o['startup_warm'])} / {f(bw['startup'])} | "
             f"{100 * o['test_accuracy']:.2f} / {f(lp and 100 * lp['test_accuracy'], 2)} / "
             f"{f(vm and 100 * vm['test_accuracy'], 2)} |")
@@ -408,7 +536,19 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", default=None)
-    p.add_argument("--configs", nargs="+", default=["mlp:64", "mlp:256", "cnn:64", "cnn:256"])
+    p.add_argument("--configs", nargs="+", default=["mlp:64", "mlp:256", "cnn:64", "cnn:256"],
+                   help="MODEL:K, MODEL one of mlp, cnn (digits) or resnet9 (cifar10: needs --data-dir)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 python archive folder, for resnet9")
+    p.add_argument("--tile-train", type=int, default=1, metavar="R",
+                   help="repeat the CIFAR-10 training images R times (10 on cifar10-mini: the paper's 50,000-image "
+                        "per-model work, 49 steps an epoch, from real images)")
+    p.add_argument("--width", type=float, default=None, help="override every recipe's width (e.g. 0.25 on a CPU)")
+    p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (lr peak moved along)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="the torch workers' device; cuda: channels-last, bf16 autocast, cuDNN autotuning, and "
+                        "ours in bfloat16 (the recipe's dtype) on JAX's default GPU")
+    p.add_argument("--dtype", default=None, help="override the recipe's dtype for ours (default: float32 on "
+                                                 "cpu, bfloat16 with --device cuda)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], help="e.g. torch-vmap@cnn:256 (a slow peer left out)")
@@ -418,7 +558,6 @@ def main(argv=None) -> int:
                         "shared with other work, where spinning threads made torch 100-200x slower here")
     # worker mode (internal)
     p.add_argument("--worker", choices=sorted(WORKERS), default=None)
-    p.add_argument("--model", default="mlp")
     p.add_argument("--models", type=int, default=64)
     p.add_argument("--data", default=None)
     p.add_argument("--recipe", default=None)
@@ -436,11 +575,22 @@ def main(argv=None) -> int:
     global OMP_WAIT_POLICY
     OMP_WAIT_POLICY = a.omp_wait_policy
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if a.dtype is None and a.device == "cuda":
+        a.dtype = "bfloat16"
+    if a.tile_train > 1:
+        if a.data_dir is None:
+            raise SystemExit("--tile-train repeats a CIFAR-10 archive: give --data-dir")
+        a.data_dir = tiled_cifar10_archive(a.data_dir, a.tile_train, tempfile.mkdtemp(prefix="peer-cifar-tiled-"))
     rows = []
     for spec in a.configs:
-        model, models = spec.split(":")
+        model, _, models = spec.partition(":")
+        if model not in PEER_MODELS or not models.isdigit():
+            raise SystemExit(f"--configs: {spec!r} is not MODEL:K with MODEL one of {', '.join(PEER_MODELS)}")
+        if PEER_MODELS[model][0] == "cifar10" and a.data_dir is None:
+            raise SystemExit(f"--configs {spec}: resnet9 trains on CIFAR-10: give --data-dir (the python archive "
+                             "folder, e.g. ../shared/data/cifar10-mini)")
         log(f"{model} x {models} models")
-        rows.append(run_config(model, int(models), a.seed, a.repeats, set(a.skip), log, a.timeout))
+        rows.append(run_config(model, int(models), a.seed, a.repeats, set(a.skip), log, a, a.timeout))
         if a.json:  # what is done so far, in case a later configuration is stopped
             from jaxunlearn.utils import write_json_atomic
 
@@ -448,13 +598,15 @@ def main(argv=None) -> int:
     import platform
 
     res = {"machine": {"cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
-                       "torch_omp_wait_policy": OMP_WAIT_POLICY or "default"},
+                       "torch_omp_wait_policy": OMP_WAIT_POLICY or "default", "torch_device": a.device},
            "note": "ratio = best torch time / ours (above 1: jaxunlearn faster)", "rows": rows}
     try:
         import jax
         import torch
 
         res["machine"].update(jax=jax.__version__, torch=torch.__version__)
+        if a.device == "cuda":
+            res["machine"]["gpu"] = torch.cuda.get_device_name()
     except ImportError:
         pass
     print(table(rows))
