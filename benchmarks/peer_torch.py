@@ -3,10 +3,14 @@
     python benchmarks/peer_torch.py [--json benchmarks/results/cpu_peer_torch.json]
                                     [--configs mlp:64 mlp:256 cnn:64 cnn:256] [--repeats 1]
 
+    python benchmarks/peer_torch.py --configs resnet9:4 --width 0.25 --epochs 4 --data-dir ../shared/data/cifar10-mini
+    python benchmarks/peer_torch.py --configs resnet9:32 --device cuda --data-dir DIR --skip torch-vmap@resnet9:32
+
 Needs PyTorch (``pip install -e .[peers]``); the library and its tests never import it.
 
-For every configuration (model × ensemble size, on the embedded digits data) this runs, each as a
-separate process so that the whole-process wall time includes imports, start-up and compiling:
+For every configuration (model × ensemble size: mlp and cnn on the embedded digits data, resnet9 on
+CIFAR-10 from ``--data-dir``) this runs, each as a separate process so that the whole-process wall
+time includes imports, start-up and compiling:
 
 * ``ours cold``: ``jaxunlearn train --dataset digits --model M --models K`` with an empty compilation
   cache folder; ``ours warm``: the same command again with that folder now filled;
@@ -23,7 +27,10 @@ train/test split, normalisation and α = 0.5 subset masks (made by our own code 
 torch processes as NumPy arrays), the same number of steps per epoch (the last batch wrapping around
 the model's subset), PyTorch's default init (which ours copies; biases zero, as ours). Per-model data
 order and augmentation draws come from each framework's own generator. Torch's thread count is pinned
-to the cores this process may use (what XLA's CPU client uses). Torch keeps OpenMP's default spin-waiting
+to the cores this process may use (what XLA's CPU client uses). ResNet-9 is our ``ResNet9`` ported channel
+for channel (``_torch_resnet9``), with the recipe's flip + crop augmentation. ``--device cuda`` runs the
+torch workers on the GPU as a fast PyTorch script does (data and augmentation on the GPU, channels-last,
+bf16 autocast, ``cudnn.benchmark``) and ours in bfloat16 (the recipe's dtype) on JAX's GPU. Torch keeps OpenMP's default spin-waiting
 unless ``--omp-wait-policy PASSIVE`` is given: use that only on a machine shared with other work, where
 spinning made torch 100-200x slower per epoch here (4 MLPs: 5.5 s vs 0.027 s); on an idle machine PASSIVE
 costs torch 2x per epoch (digits CNN x16: 1.42 vs 0.66 s). The load average cannot decide it: this

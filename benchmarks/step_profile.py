@@ -1,0 +1,206 @@
+"""Where one ensemble epoch's device time goes: a profile of ``train``'s epoch program, kernels by kind.
+
+    python benchmarks/step_profile.py --json FILE [--data-dir CIFAR] [--models 4] [--width 1] [--dtype bfloat16]
+                                      [--torch]
+
+Traces one epoch of the ``cifar10-resnet9`` recipe (after an untimed warm-up epoch) with
+``jax.profiler``, laid out as ``train`` lays it out, and sums the device time of every kernel by kind:
+convolutions (cuDNN / implicit-GEMM kernels and XLA convolution ops), matmuls, reductions (BatchNorm
+statistics, pooling, the loss), and the remaining elementwise fusions (BatchNorm apply, ReLU, the
+optimizer update, augmentation). ``busy`` is the union of the kernels' intervals over the epoch's
+wall time: the rest is the device waiting on the host. The top kernels with their HLO ops are kept.
+
+With ``--torch`` the PyTorch loop step of ``peer_torch.py`` (channels-last, bf16 autocast on CUDA) is
+profiled the same way with ``torch.profiler``, so both frameworks' splits sit side by side.
+On the CPU the device rows are XLA's CPU thunks (a smoke test of this script; the split is a GPU
+question).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+KINDS = (("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "winograd")),
+         ("matmul", ("gemm", "cublas", "dot", "cutlass")),
+         ("reduction", ("reduce", "reduction", "max_pool", "pool", "batch_norm", "bn_")))
+
+
+def kind_of(*names: str) -> str:
+    text = " ".join(n.lower() for n in names if n)
+    for kind, keys in KINDS:
+        if any(k in text for k in keys):
+            return kind
+    return "elementwise / other"
+
+
+def busy_seconds(intervals) -> float:
+    """Length of the union of [start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, -float("inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total * 1e-6
+
+
+def split(events, wall: float) -> dict:
+    """events: (name, hlo_op, start_us, dur_us) of device kernels -> the split by kind, and the top kernels."""
+    by_kind: dict = collections.defaultdict(float)
+    by_name: dict = collections.defaultdict(lambda: [0.0, 0, ""])
+    for name, op, _, dur in events:
+        by_kind[kind_of(name, op)] += dur * 1e-6
+        row = by_name[name]
+        row[0] += dur * 1e-6
+        row[1] += 1
+        row[2] = row[2] or op
+    kernel = sum(by_kind.values())
+    busy = busy_seconds([(s, s + d) for _, _, s, d in events])
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"wall_seconds": wall, "kernel_seconds": kernel, "busy_seconds": busy,
+            "busy_fraction_of_wall": busy / wall if wall else None, "kernels": len(events),
+            "by_kind_seconds": dict(by_kind),
+            "by_kind_fraction": {k: v / kernel for k, v in by_kind.items()} if kernel else {},
+            "top_kernels": [{"name": n[:160], "seconds": s, "count": c, "hlo_op": op} for n, (s, c, op) in top]}
+
+
+def profile_ours(a) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxunlearn.data import load_dataset
+    from jaxunlearn.training.ensemble import EnsembleFns
+    from jaxunlearn.training.recipe import load_recipe
+    from jaxunlearn.training.step import make_trainer
+    from jaxunlearn.training.strategy import ensemble_layout
+    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
+
+    d = load_dataset("cifar10", a.data_dir)
+    recipe = load_recipe("cifar10-resnet9").replace(width=a.width, dtype=a.dtype)
+    masks = random_subset_masks(d.n_train, a.models, 0.5, 0)
+    devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())
+    tr = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std, steps_per_epoch(masks, recipe.batch_size),
+                      strat.conv_impl)
+    fns = EnsembleFns(tr, a.models, strat.vmap_width, devs)
+    states, keys = fns.init_models(0, np.arange(a.models))
+    x, y = jax.device_put(d.train_images), jax.device_put(d.train_labels)
+    m = jax.device_put(masks, fns.models_sharding)
+    states, _ = jax.block_until_ready(fns.epoch(states, x, y, m, keys, np.int32(0)))  # compile + warm-up
+    trace = tempfile.mkdtemp(prefix="step-profile-")
+    with jax.profiler.trace(trace, create_perfetto_trace=True):
+        t = time.perf_counter()
+        states, _ = jax.block_until_ready(fns.epoch(states, x, y, m, keys, np.int32(1)))
+        wall = time.perf_counter() - t
+    path = glob.glob(os.path.join(trace, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        doc = json.load(f)
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    on_device = lambda pid: "/device:" in procs.get(pid, "")  # noqa: E731
+    kernels = [(e["name"], e.get("args", {}).get("hlo_op", ""), float(e["ts"]), float(e["dur"])) for e in events
+               if e.get("ph") == "X" and "dur" in e and on_device(e["pid"])]
+    steps = a.models * steps_per_epoch(masks, recipe.batch_size)
+    return {"layout": f"{strat.conv_impl}:{strat.vmap_width}@{len(devs)}", "model_steps": steps,
+            "seconds_per_model_step": wall / steps, "device_processes": sorted(set(procs.values())),
+            **split(kernels, wall)}
+
+
+def profile_torch(a) -> dict:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, HERE)
+    import peer_torch as peer
+
+    from jaxunlearn.data import load_dataset
+
+    d = load_dataset("cifar10", a.data_dir)
+    tmp = tempfile.mkdtemp(prefix="step-profile-torch-")
+    np.savez(os.path.join(tmp, "d.npz"), train_images=d.train_images, train_labels=d.train_labels,
+             test_images=d.test_images, test_labels=d.test_labels, mean=np.asarray(d.mean, np.float32),
+             std=np.asarray(d.std, np.float32), masks=np.ones((1, d.n_train), bool))
+    cuda = torch.cuda.is_available()
+    ns = argparse.Namespace(data=os.path.join(tmp, "d.npz"), device="cuda" if cuda else "cpu")
+    torch_, data = peer._torch_setup(ns)
+    recipe = peer.peer_recipe("resnet9", a.width).to_dict()
+    net = peer._torch_model(torch, "resnet9", tuple(data["x"].shape[1:]), recipe["width"])
+    net = net.to(data["device"], memory_format=data["format"]).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator(device=data["device"]).manual_seed(0)
+    bs = recipe["batch_size"]
+
+    def step(i):
+        idx = torch.randint(0, d.n_train, (bs,), generator=gen, device=data["device"])
+        xb = peer._augment(torch, data["x"][idx], recipe["crop_pad"], recipe["flip"], gen)
+        xb = xb.contiguous(memory_format=data["format"])
+        opt.zero_grad(set_to_none=True)
+        with data["autocast"]():
+            loss = loss_fn(net(xb), data["y"][idx])
+        loss.backward()
+        opt.step()
+
+    for i in range(10):  # warm-up (cuDNN autotuning)
+        step(i)
+    data["sync"]()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    n = a.torch_steps
+    with torch.profiler.profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for i in range(n):
+            step(i)
+        data["sync"]()
+        wall = time.perf_counter() - t
+    kernels = [(e.name, "", float(e.time_range.start), float(e.time_range.end - e.time_range.start))
+               for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 python archive folder (default: tfds)")
+    p.add_argument("--models", type=int, default=4)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--torch", action="store_true", help="also profile the PyTorch loop step (needs torch)")
+    p.add_argument("--torch-steps", type=int, default=20)
+    a = p.parse_args(argv)
+    import jax
+
+    from jaxunlearn.utils import write_json_atomic
+
+    if a.dtype is None:
+        a.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "models": a.models,
+           "width": a.width, "dtype": a.dtype, "ours": profile_ours(a)}
+    if a.torch:
+        try:
+            res["torch_loop"] = profile_torch(a)
+        except Exception as e:  # noqa: BLE001  (ours is kept whatever happens to the peer's profile)
+            res["torch_loop"] = {"error": f"{type(e).__name__}: {e}"}
+    write_json_atomic(a.json, res)
+    for name in ("ours", "torch_loop"):
+        r = res.get(name)
+        if not r or "error" in r:
+            print(f"{name}: {r and r['error']}")
+            continue
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["by_kind_fraction"].items(), key=lambda kv: -kv[1]))
+        busy = r["busy_fraction_of_wall"]
+        print(f"{name}: {1e3 * r['seconds_per_model_step']:.2f} ms per model step; device busy "
+              f"{'–' if busy is None else f'{100 * busy:.0f}%'} of wall; kernel time: {kinds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
