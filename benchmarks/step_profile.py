@@ -12,8 +12,8 @@ wall time: the rest is the device waiting on the host. The top kernels with thei
 
 With ``--torch`` the PyTorch loop step of ``peer_torch.py`` (channels-last, bf16 autocast on CUDA) is
 profiled the same way with ``torch.profiler``, so both frameworks' splits sit side by side.
-On the CPU the device rows are XLA's CPU thunks (a smoke test of this script; the split is a GPU
-question).
+On the CPU the rows are XLA's CPU thunks, one per HLO op (their busy time is not a device's: they run on
+the host's threads), with the im2col data movement as its own kind; torch's are aten ops' self times.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,11 +33,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = (("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "winograd")),
          ("matmul", ("gemm", "cublas", "dot", "cutlass")),
          ("reduction", ("reduce", "reduction", "max_pool", "pool", "batch_norm", "bn_")))
+# XLA CPU ops: the convolutions are im2col patches + YNNPACK dots, so the patch building, its backward
+# (pad + slice sums) and the transposed copies are a kind of their own
+CPU_KINDS = (("convolution", ("convolution",)),
+             ("matmul", ("ynn_fusion", "dot", "aten::mm", "aten::addmm", "aten::bmm")),
+             ("data movement (patches, their backward, transposed copies)",
+              ("concatenate", "pad_slice", "slice_pad", "copy", "transpose", "cat", "index", "pad")),
+             ("reduction", ("reduce", "max_pool", "pool", "batch_norm", "native_batch_norm")))
+HLO_OP = re.compile(r"[a-z][\w\-]*(\.\d+)?")
 
 
-def kind_of(*names: str) -> str:
+def kind_of(*names: str, kinds=KINDS) -> str:
     text = " ".join(n.lower() for n in names if n)
-    for kind, keys in KINDS:
+    for kind, keys in kinds:
         if any(k in text for k in keys):
             return kind
     return "elementwise / other"
@@ -53,12 +62,12 @@ def busy_seconds(intervals) -> float:
     return total * 1e-6
 
 
-def split(events, wall: float) -> dict:
+def split(events, wall: float, kinds=KINDS) -> dict:
     """events: (name, hlo_op, start_us, dur_us) of device kernels -> the split by kind, and the top kernels."""
     by_kind: dict = collections.defaultdict(float)
     by_name: dict = collections.defaultdict(lambda: [0.0, 0, ""])
     for name, op, _, dur in events:
-        by_kind[kind_of(name, op)] += dur * 1e-6
+        by_kind[kind_of(name, op, kinds=kinds)] += dur * 1e-6
         row = by_name[name]
         row[0] += dur * 1e-6
         row[1] += 1
@@ -106,13 +115,17 @@ def profile_ours(a) -> dict:
     events = doc["traceEvents"] if isinstance(doc, dict) else doc
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    on_device = lambda pid: "/device:" in procs.get(pid, "")  # noqa: E731
+    cpu = jax.default_backend() == "cpu"
+    if cpu:  # XLA CPU's thunks run on the host: one event per HLO op, named as the op
+        keep = lambda e: HLO_OP.fullmatch(e["name"]) is not None  # noqa: E731
+    else:
+        keep = lambda e: "/device:" in procs.get(e["pid"], "")  # noqa: E731
     kernels = [(e["name"], e.get("args", {}).get("hlo_op", ""), float(e["ts"]), float(e["dur"])) for e in events
-               if e.get("ph") == "X" and "dur" in e and on_device(e["pid"])]
+               if e.get("ph") == "X" and "dur" in e and keep(e)]
     steps = a.models * steps_per_epoch(masks, recipe.batch_size)
     return {"layout": f"{strat.conv_impl}:{strat.vmap_width}@{len(devs)}", "model_steps": steps,
             "seconds_per_model_step": wall / steps, "device_processes": sorted(set(procs.values())),
-            **split(kernels, wall)}
+            **split(kernels, wall, CPU_KINDS if cpu else KINDS)}
 
 
 def profile_torch(a) -> dict:
@@ -150,7 +163,7 @@ def profile_torch(a) -> dict:
         loss.backward()
         opt.step()
 
-    for i in range(10):  # warm-up (cuDNN autotuning)
+    for i in range(10 if cuda else 2):  # warm-up (cuDNN autotuning)
         step(i)
     data["sync"]()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -161,9 +174,14 @@ def profile_torch(a) -> dict:
             step(i)
         data["sync"]()
         wall = time.perf_counter() - t
-    kernels = [(e.name, "", float(e.time_range.start), float(e.time_range.end - e.time_range.start))
-               for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall)}
+    if cuda:
+        kernels = [(e.name, "", float(e.time_range.start), float(e.time_range.end - e.time_range.start))
+                   for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall)}
+    # CPU: each aten op's self time (oneDNN convolutions are ``mkldnn_convolution`` and its backward)
+    kernels = [(e.key, "", 0.0, float(e.self_cpu_time_total)) for e in prof.key_averages()
+               if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+    return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall, CPU_KINDS)}
 
 
 def main(argv=None) -> int:
