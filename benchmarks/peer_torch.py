@@ -37,6 +37,10 @@ costs torch 2x per epoch (digits CNN x16: 1.42 vs 0.66 s). The load average cann
 script's own processes raise it. A configuration whose mean test accuracies differ by more than 0.5
 point is marked void. Each subprocess's 1-minute load average before and after is in the JSON.
 
+Before timing, each configuration checks the port: our flax model's initial weights copied into the
+torch model must give the same logits (eval and train mode) to 1e-4 (they agree to about 1e-7), or the
+script stops.
+
 Reported per configuration: whole-process wall (s, median over repeats), start-up = wall − epochs ×
 steady s/epoch (imports, data, init, compiling), steady s/epoch for all K models, mean test
 accuracy, and ``ratio`` = best torch ÷ ours (above 1: we are faster) for the whole process (cold and
@@ -376,7 +380,83 @@ def worker_torch_vmap(a) -> dict:
             "test_accuracy": acc, "threads": torch.get_num_threads(), "device": str(dev)}
 
 
-WORKERS = {"ours": worker_ours, "torch-loop": worker_torch_loop, "torch-vmap": worker_torch_vmap}
+def worker_check_port(a) -> dict:
+    """Our flax model's initial weights copied into the torch port: the logits of both on the same
+    normalised images, in eval mode (running statistics) and in train mode (batch statistics), must agree
+    to float32 rounding, or the port is not our model. Returns the largest absolute differences."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    import torch
+
+    from jaxunlearn.models import make_model
+    from jaxunlearn.models.layers import ConvBN
+
+    torch.set_num_threads(cores())
+    recipe = json.loads(a.recipe)
+    z = np.load(a.data)
+    x = ((z["test_images"][:64].astype(np.float32) - z["mean"]) / z["std"]).astype(np.float32)
+    model = make_model(recipe["model"], 10, recipe["width"], "xla", "float32")
+    variables = model.init(jax.random.key(a.seed), x[:1], train=False)
+    params = variables["params"]
+    stats = jax.tree.map(lambda t: t + 0.1 * np.abs(np.asarray(t)), variables.get("batch_stats", {}))  # non-trivial
+    variables = {"params": params, "batch_stats": stats}
+    # the flax modules in the order they run: a module's intermediates are recorded when its call returns
+    def is_layer(mdl, _name):
+        return isinstance(mdl, (ConvBN, nn.Dense))
+    _, captured = model.apply(variables, x, train=False, capture_intermediates=is_layer)
+    order: list = []
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            if k == "__call__":
+                order.append(path)
+            elif isinstance(v, dict):
+                walk(v, path + (k,))
+    walk(captured["intermediates"], ())
+
+    def at(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+    n, h, w, c = x.shape
+    net = _torch_model(torch, recipe["model"], (c, h, w), recipe["width"])
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    flax_convs = [p for p in order if "Dense" not in p[-1]]
+    flax_dense = [p for p in order if "Dense" in p[-1]]
+    if (len(flax_convs), len(flax_dense)) != (len(convs), len(linears)) or len(bns) != len(convs):
+        raise SystemExit(f"port has {len(convs)} convs / {len(linears)} linears, ours {len(flax_convs)} / {len(flax_dense)}")
+    t = lambda v: torch.from_numpy(np.asarray(v, np.float32).copy())  # noqa: E731
+    with torch.no_grad():
+        for conv, bn, path in zip(convs, bns, flax_convs):
+            p, s = at(params, path), at(stats, path)
+            conv.weight.copy_(t(p["Conv_0"]["kernel"]).permute(3, 2, 0, 1))
+            bn.weight.copy_(t(p["BatchNorm_0"]["scale"]))
+            bn.bias.copy_(t(p["BatchNorm_0"]["bias"]))
+            bn.running_mean.copy_(t(s["BatchNorm_0"]["mean"]))
+            bn.running_var.copy_(t(s["BatchNorm_0"]["var"]))
+        for lin, path in zip(linears, flax_dense):
+            p = at(params, path)
+            lin.weight.copy_(t(p["kernel"]).T)
+            if lin.bias is not None:
+                lin.bias.copy_(t(p["bias"]))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # [n, C, H, W]
+    out = {}
+    for mode, train in (("eval", False), ("train", True)):
+        ours = model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+        ours = np.asarray(ours[0] if train else ours)
+        net.train(train)
+        with torch.no_grad():
+            theirs = net(xt).numpy()
+        out[f"max_abs_diff_{mode}"] = float(np.abs(ours - theirs).max())
+        out[f"max_abs_logit_{mode}"] = float(np.abs(ours).max())
+    return out
+
+
+WORKERS = {"check-port": worker_check_port, "ours": worker_ours, "torch-loop": worker_torch_loop,
+           "torch-vmap": worker_torch_vmap}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,6 +515,11 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
     dataset, epochs = PEER_MODELS[model][0], recipe["epochs"]
     with np.load(data) as z:
         n_train = int(z["masks"].shape[1])
+    _, port = _worker("check-port", models, seed, data, recipe, argparse.Namespace(**{**vars(opts), "device": "cpu"}))
+    worst = max(port["max_abs_diff_eval"], port["max_abs_diff_train"])
+    log(f"  {model}: the torch port on our initial weights: logits differ by at most {worst:.1e}")
+    if worst > 1e-4:
+        raise SystemExit(f"the PyTorch {model} is not our model: its logits on our weights differ by {worst:.3g}")
     runs = {k: [] for k in ("ours_cold", "ours_warm", "ours_steady", "torch-loop", "torch-vmap")}
     acc: dict = {}
     for r in range(repeats):
@@ -469,7 +554,7 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
     row = {"model": model, "models": models, "epochs": epochs, "recipe": PEER_MODELS[model][1],
            "recipe_fields": rec.to_dict(), "dataset": dataset, "n_train": n_train,
            "tile_train": opts.tile_train,
-           "torch_device": opts.device, "repeats": repeats,
+           "torch_device": opts.device, "repeats": repeats, "port_check": port,
            "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
                     "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
                     "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"],
