@@ -6,7 +6,7 @@
 #   scale : full ResNet-9 recipe on CIFAR-10-shaped data (50,000 points, alpha 0.5) at M = 8, 32, 128
 #   peer  : the paper's ResNet-9 recipe on cifar10-mini (DATA_DIR), ours vs the PyTorch loop (channels-last,
 #           bf16 autocast, cuDNN autotuning), M = MODELS models each, on the same card (benchmarks/peer_torch.py);
-#           TILE=10 repeats the training images 10x: the paper's per-model work (25,000 images, 49 steps an epoch)
+#           TILE=10 repeats the training images 10x: 25,425 images per model, 50 steps an epoch (the paper: 49)
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
 stage=$1; out=$2; mkdir -p "$out"

@@ -37,9 +37,9 @@ costs torch 2x per epoch (digits CNN x16: 1.42 vs 0.66 s). The load average cann
 script's own processes raise it. A configuration whose mean test accuracies differ by more than 0.5
 point is marked void. Each subprocess's 1-minute load average before and after is in the JSON.
 
-Before timing, each configuration checks the port: our flax model's initial weights copied into the
-torch model must give the same logits (eval and train mode) to 1e-4 (they agree to about 1e-7), or the
-script stops.
+Before timing, each configuration checks the port: our flax model's initial weights (and random running
+statistics) copied into the torch model must give the same logits, eval and train mode, on the CPU in
+float32, to 1e-4 relative to logits above 1 (they agree to about 1e-7), or the script stops.
 
 Reported per configuration: whole-process wall (s, median over repeats), start-up = wall − epochs ×
 steady s/epoch (imports, data, init, compiling), steady s/epoch for all K models, mean test
@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,8 +98,9 @@ def write_data(path: str, recipe, models: int, seed: int, data_dir=None) -> dict
 def tiled_cifar10_archive(src: str, reps: int, dst: str) -> str:
     """Writes the CIFAR-10 python archive at ``src`` with its training images repeated ``reps`` times
     (test batch unchanged) to ``dst``, in the official layout, so that ``train --data-dir`` and every
-    worker read the same data: the paper recipe's per-model work (α = 0.5 of 50,000 images, 49 steps an
-    epoch) from the 5,085 real images of cifar10-mini. Returns ``dst``."""
+    worker read the same data. With ``reps`` = 10 on cifar10-mini's 5,085 real images: 25,425 images per
+    model at α = 0.5, 50 steps an epoch of batch 512, about the paper recipe's per-model work (α = 0.5 of
+    50,000: 49 steps). Returns ``dst``."""
     import pickle
 
     import numpy as np
@@ -161,19 +163,20 @@ def worker_ours(a) -> dict:
     logits = np.asarray(fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
     acc = float((logits.argmax(-1) == d.test_labels[None]).mean())
     return {"epoch_seconds": epochs, "test_accuracy": acc,
-            "layout": f"{strat.conv_impl}:{width}@{len(devs)}"}
+            "layout": f"{strat.conv_impl}:{width}@{len(devs)}", "jax_device": devs[0].device_kind}
 
 
 def _torch_setup(a):
     """torch, the data on ``a.device`` (normalised f32[n, C, H, W]; channels-last memory on CUDA) and
-    the options of that device: CUDA runs in bf16 autocast with cuDNN autotuning, as a fast PyTorch
-    script does; the CPU in float32."""
+    the options of that device and recipe: bf16 autocast when the recipe's dtype (ours) is bfloat16,
+    float32 otherwise; on CUDA cuDNN autotuning and channels-last, as a fast PyTorch script does."""
     import numpy as np
     import torch
 
     torch.set_num_threads(cores())
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
+    bf16 = json.loads(a.recipe).get("dtype") == "bfloat16"
     if cuda:
         torch.backends.cudnn.benchmark = True
     z = np.load(a.data)
@@ -187,7 +190,7 @@ def _torch_setup(a):
     data = {"x": prep(z["train_images"]), "y": torch.from_numpy(z["train_labels"]).long().to(dev),
             "xt": prep(z["test_images"]), "yt": torch.from_numpy(z["test_labels"]).long().to(dev),
             "masks": z["masks"], "device": dev, "format": fmt,
-            "autocast": (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext,
+            "autocast": (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
             "sync": torch.cuda.synchronize if cuda else (lambda: None)}
     return torch, data
 
@@ -293,7 +296,7 @@ def worker_torch_loop(a) -> dict:
     dev, autocast, sync = d["device"], d["autocast"], d["sync"]
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     in_shape = tuple(d["x"].shape[1:])
-    per_model, accs = [], []
+    per_model, training, accs = [], [], []
     for m in range(a.models):
         sync()
         t = time.perf_counter()
@@ -303,6 +306,8 @@ def worker_torch_loop(a) -> dict:
                               weight_decay=recipe["weight_decay"])
         net.train()
         step = 0
+        sync()
+        t_train = time.perf_counter()
         for e in range(recipe["epochs"]):
             idx = torch.from_numpy(_batches(masks, m, e, a.seed, bs, steps)).to(dev)
             for s in range(steps):
@@ -316,14 +321,20 @@ def worker_torch_loop(a) -> dict:
                 loss.backward()
                 opt.step()
                 step += 1
+        sync()
+        training.append(time.perf_counter() - t_train)
         net.eval()
         with torch.no_grad(), autocast():
             accs.append(float((net(d["xt"]).argmax(-1) == d["yt"]).float().mean()))
         sync()
         per_model.append(time.perf_counter() - t)
-    # steady: the median model (the first one carries the warm-up), as seconds per epoch of all K models
-    steady_model = statistics.median(per_model[1:]) if len(per_model) > 1 else per_model[0]
-    return {"model_seconds": per_model, "steady_epoch_seconds": steady_model * a.models / recipe["epochs"],
+    # steady: the training epochs of the median model (the first one carries the warm-up; construction
+    # and the test evaluation left out, as ours leaves out init and outputs), as s/epoch of all K models
+    rest = training[1:] or training
+    per_epoch = lambda model_s: model_s * a.models / recipe["epochs"]  # noqa: E731
+    return {"model_seconds": per_model, "training_seconds": training,
+            "steady_epoch_seconds": per_epoch(statistics.median(rest)),
+            "fastest_model_epoch_seconds": per_epoch(min(rest)),
             "test_accuracy": float(sum(accs) / len(accs)), "threads": torch.get_num_threads(),
             "device": str(dev)}
 
@@ -399,7 +410,11 @@ def worker_check_port(a) -> dict:
     model = make_model(recipe["model"], 10, recipe["width"], "xla", "float32")
     variables = model.init(jax.random.key(a.seed), x[:1], train=False)
     params = variables["params"]
-    stats = jax.tree.map(lambda t: t + 0.1 * np.abs(np.asarray(t)), variables.get("batch_stats", {}))  # non-trivial
+    rng = np.random.default_rng(a.seed)  # running statistics far from their init (0 and 1), so eval mode tests them
+    stats = {k: v for k, v in variables.get("batch_stats", {}).items()}
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, t: (rng.normal(0, 0.5, t.shape) if path[-1].key == "mean" else rng.uniform(0.5, 1.5, t.shape))
+        .astype(np.float32), stats)
     variables = {"params": params, "batch_stats": stats}
     # the flax modules in the order they run: a module's intermediates are recorded when its call returns
     def is_layer(mdl, _name):
@@ -482,6 +497,8 @@ OMP_WAIT_POLICY = ""  # set by --omp-wait-policy; given to the torch processes
 
 def _worker(name: str, models: int, seed: int, data: str, recipe: dict, opts, timeout=None):
     env = dict(os.environ)
+    if name == "check-port":  # float32 to the last bit on both sides: the host, not a GPU's TF32 matmuls
+        env["JAX_PLATFORMS"] = "cpu"
     if name.startswith("torch") and OMP_WAIT_POLICY:
         env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--models", str(models), "--seed", str(seed),
@@ -502,10 +519,18 @@ def _steady(epoch_seconds: list) -> float:
 def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log, opts, timeout=None) -> dict:
     """One configuration, side by side: ours cold, warm and steady, then each torch variant, ``repeats``
     times. ``opts``: width, epochs, dtype (overrides of the built-in recipe), device (of the torch
-    workers) and data_dir (for CIFAR-10)."""
+    workers) and data_dir (for CIFAR-10). Its data, runs and caches live in a temporary folder,
+    removed at the end."""
+    tmp = tempfile.mkdtemp(prefix="peer-torch-")
+    try:
+        return _run_config(tmp, model, models, seed, repeats, skip, log, opts, timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip: set, log, opts, timeout) -> dict:
     import numpy as np
 
-    tmp = tempfile.mkdtemp(prefix="peer-torch-")
     data = os.path.join(tmp, "data.npz")
     rec = peer_recipe(model, opts.width, opts.epochs, opts.dtype)
     recipe = write_data(data, rec, models, seed, opts.data_dir)
@@ -515,9 +540,10 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
     dataset, epochs = PEER_MODELS[model][0], recipe["epochs"]
     with np.load(data) as z:
         n_train = int(z["masks"].shape[1])
-    _, port = _worker("check-port", models, seed, data, recipe, argparse.Namespace(**{**vars(opts), "device": "cpu"}))
-    worst = max(port["max_abs_diff_eval"], port["max_abs_diff_train"])
-    log(f"  {model}: the torch port on our initial weights: logits differ by at most {worst:.1e}")
+    _, port = _worker("check-port", models, seed, data, {**recipe, "dtype": "float32"},
+                      argparse.Namespace(**{**vars(opts), "device": "cpu"}))
+    worst = max(port[f"max_abs_diff_{m}"] / max(1.0, port[f"max_abs_logit_{m}"]) for m in ("eval", "train"))
+    log(f"  {model}: the torch port on our initial weights: logits differ by at most {worst:.1e} (relative)")
     if worst > 1e-4:
         raise SystemExit(f"the PyTorch {model} is not our model: its logits on our weights differ by {worst:.3g}")
     runs = {k: [] for k in ("ours_cold", "ours_warm", "ours_steady", "torch-loop", "torch-vmap")}
@@ -553,7 +579,8 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
     ours_steady = med([_steady(x["epoch_seconds"]) for x in runs["ours_steady"]])
     row = {"model": model, "models": models, "epochs": epochs, "recipe": PEER_MODELS[model][1],
            "recipe_fields": rec.to_dict(), "dataset": dataset, "n_train": n_train,
-           "tile_train": opts.tile_train,
+           "tile_train": opts.tile_train if dataset == "cifar10" else 1,
+           "jax_device": runs["ours_steady"][-1].get("jax_device"),
            "torch_device": opts.device, "repeats": repeats, "port_check": port,
            "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
                     "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
@@ -573,6 +600,8 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
         steady = med([x["steady_epoch_seconds"] for x in done])
         row[name] = {"wall": wall, "steady_epoch_seconds": steady, "startup": wall - epochs * steady,
                      "models_per_hour": per_hour(steady), "test_accuracy": acc[name]}
+        if all("fastest_model_epoch_seconds" in x for x in done):  # the loop: its fastest model, for the spread
+            row[name]["fastest_model_epoch_seconds"] = min(x["fastest_model_epoch_seconds"] for x in done)
     torch_rows = {n: row[n] for n in ("torch-loop", "torch-vmap") if row[n] and "wall" in row[n]}
     if not torch_rows:
         row["void"], row["note"] = True, "no torch variant finished"
@@ -586,6 +615,8 @@ def run_config(model: str, models: int, seed: int, repeats: int, skip: set, log,
     row["ratio_wall_cold"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_cold"]
     row["ratio_wall_warm"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_warm"]
     row["ratio_steady"] = torch_rows[best_steady]["steady_epoch_seconds"] / ours_steady
+    if "fastest_model_epoch_seconds" in (row["torch-loop"] or {}):
+        row["ratio_steady_vs_fastest_loop_model"] = row["torch-loop"]["fastest_model_epoch_seconds"] / ours_steady
     if row["void"]:
         log(f"  {model}/{models}: mean test accuracies differ by {100 * gap:.2f} points (> 0.5): "
             "the comparison is VOID")
@@ -632,8 +663,8 @@ def main(argv=None) -> int:
                    help="MODEL:K, MODEL one of mlp, cnn (digits) or resnet9 (cifar10: needs --data-dir)")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 python archive folder, for resnet9")
     p.add_argument("--tile-train", type=int, default=1, metavar="R",
-                   help="repeat the CIFAR-10 training images R times (10 on cifar10-mini: the paper's 50,000-image "
-                        "per-model work, 49 steps an epoch, from real images)")
+                   help="repeat the CIFAR-10 training images R times (10 on cifar10-mini: 50 steps an epoch, about "
+                        "the per-model work of the paper's 50,000 images, from real images)")
     p.add_argument("--width", type=float, default=None, help="override every recipe's width (e.g. 0.25 on a CPU)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (lr peak moved along)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -666,13 +697,30 @@ def main(argv=None) -> int:
         raise SystemExit("PyTorch is not installed: pip install -e .[peers]") from None
     global OMP_WAIT_POLICY
     OMP_WAIT_POLICY = a.omp_wait_policy
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if a.dtype is None and a.device == "cuda":
         a.dtype = "bfloat16"
+    if a.epochs is not None and a.epochs < 2:
+        raise SystemExit(f"--epochs {a.epochs}: the steady state needs at least 2 epochs (the first one carries "
+                         "compiling and warm-up)")
+    if a.tile_train < 1:
+        raise SystemExit(f"--tile-train must be >= 1, got {a.tile_train}")
+    tiled = None
     if a.tile_train > 1:
         if a.data_dir is None:
             raise SystemExit("--tile-train repeats a CIFAR-10 archive: give --data-dir")
-        a.data_dir = tiled_cifar10_archive(a.data_dir, a.tile_train, tempfile.mkdtemp(prefix="peer-cifar-tiled-"))
+        tiled = a.data_dir = tiled_cifar10_archive(a.data_dir, a.tile_train, tempfile.mkdtemp(prefix="peer-tiled-"))
+    try:
+        return _compare(a)
+    finally:
+        if tiled:
+            shutil.rmtree(tiled, ignore_errors=True)
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _compare(a) -> int:
     rows = []
     for spec in a.configs:
         model, _, models = spec.partition(":")
@@ -689,8 +737,12 @@ def main(argv=None) -> int:
             write_json_atomic(a.json, {"rows": rows, "partial": True})
     import platform
 
+    jax_devices = sorted({r["jax_device"] for r in rows if r.get("jax_device")})
+    if a.device == "cuda" and any("cpu" in k.lower() for k in jax_devices):
+        log(f"ours ran on {jax_devices}, not a GPU: this is no GPU comparison")
     res = {"machine": {"cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
-                       "torch_omp_wait_policy": OMP_WAIT_POLICY or "default", "torch_device": a.device},
+                       "torch_omp_wait_policy": OMP_WAIT_POLICY or "default", "torch_device": a.device,
+                       "jax_devices": jax_devices},
            "note": "ratio = best torch time / ours (above 1: jaxunlearn faster)", "rows": rows}
     try:
         import jax

@@ -12,8 +12,9 @@ wall time: the rest is the device waiting on the host. The top kernels with thei
 
 With ``--torch`` the PyTorch loop step of ``peer_torch.py`` (channels-last, bf16 autocast on CUDA) is
 profiled the same way with ``torch.profiler``, so both frameworks' splits sit side by side.
-On the CPU the rows are XLA's CPU thunks, one per HLO op (their busy time is not a device's: they run on
-the host's threads), with the im2col data movement as its own kind; torch's are aten ops' self times.
+On the CPU the rows are XLA's CPU thunks, one per HLO op, with the im2col data movement as its own kind;
+several run at once on the host's threads, so their times are thread-seconds that can add up to more
+than the wall time. Torch's are aten ops' self times (no busy time).
 """
 from __future__ import annotations
 
@@ -30,17 +31,22 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-KINDS = (("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "winograd")),
+# substrings of kernel names / HLO ops, first match wins. Not a bare "conv" (XLA's "convert" fusions), and
+# torch's BatchNorm kernels split by what they do: statistics are reductions, transform / backward_elemt
+# are elementwise
+KINDS = (("convolution", ("cudnn", "xmma", "implicit_gemm", "fprop", "dgrad", "wgrad", "winograd", "convolution")),
          ("matmul", ("gemm", "cublas", "dot", "cutlass")),
-         ("reduction", ("reduce", "reduction", "max_pool", "pool", "batch_norm", "bn_")))
+         ("reduction", ("reduce", "reduction", "collect_statistics", "max_pool", "pool")))
 # XLA CPU ops: the convolutions are im2col patches + YNNPACK dots, so the patch building, its backward
 # (pad + slice sums) and the transposed copies are a kind of their own
 CPU_KINDS = (("convolution", ("convolution",)),
              ("matmul", ("ynn_fusion", "dot", "aten::mm", "aten::addmm", "aten::bmm")),
              ("data movement (patches, their backward, transposed copies)",
               ("concatenate", "pad_slice", "slice_pad", "copy", "transpose", "cat", "index", "pad")),
-             ("reduction", ("reduce", "max_pool", "pool", "batch_norm", "native_batch_norm")))
+             ("reduction", ("reduce", "max_pool", "pool", "batch_norm")))
 HLO_OP = re.compile(r"[a-z][\w\-]*(\.\d+)?")
+ANNOTATION = re.compile(r"[A-Za-z_][\w.]*#[\w.]+")  # torch's "Optimizer.step#SGD.step", not "{lambda()#3}"
+CONTROL_FLOW = ("while", "call", "conditional")  # thunks that hold other thunks: their time is counted inside
 
 
 def kind_of(*names: str, kinds=KINDS) -> str:
@@ -62,21 +68,23 @@ def busy_seconds(intervals) -> float:
     return total * 1e-6
 
 
-def split(events, wall: float, kinds=KINDS) -> dict:
-    """events: (name, hlo_op, start_us, dur_us) of device kernels -> the split by kind, and the top kernels."""
+def split(events, wall: float, kinds=KINDS, timed: bool = True) -> dict:
+    """events: (name, hlo_op, start_us, dur_us, count) of kernels -> the split by kind, and the top kernels.
+    ``timed``: the events carry start times (else no busy time: aggregated op times have none)."""
     by_kind: dict = collections.defaultdict(float)
     by_name: dict = collections.defaultdict(lambda: [0.0, 0, ""])
-    for name, op, _, dur in events:
+    for name, op, _, dur, count in events:
         by_kind[kind_of(name, op, kinds=kinds)] += dur * 1e-6
         row = by_name[name]
         row[0] += dur * 1e-6
-        row[1] += 1
+        row[1] += count
         row[2] = row[2] or op
     kernel = sum(by_kind.values())
-    busy = busy_seconds([(s, s + d) for _, _, s, d in events])
+    busy = busy_seconds([(s, s + d) for _, _, s, d, _ in events]) if timed else None
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
     return {"wall_seconds": wall, "kernel_seconds": kernel, "busy_seconds": busy,
-            "busy_fraction_of_wall": busy / wall if wall else None, "kernels": len(events),
+            "busy_fraction_of_wall": busy / wall if wall and busy is not None else None,
+            "kernels": sum(e[4] for e in events),
             "by_kind_seconds": dict(by_kind),
             "by_kind_fraction": {k: v / kernel for k, v in by_kind.items()} if kernel else {},
             "top_kernels": [{"name": n[:160], "seconds": s, "count": c, "hlo_op": op} for n, (s, c, op) in top]}
@@ -116,16 +124,16 @@ def profile_ours(a) -> dict:
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     cpu = jax.default_backend() == "cpu"
-    if cpu:  # XLA CPU's thunks run on the host: one event per HLO op, named as the op
-        keep = lambda e: HLO_OP.fullmatch(e["name"]) is not None  # noqa: E731
+    if cpu:  # XLA CPU's thunks run on the host: one event per HLO op, named as the op (several at once)
+        keep = lambda e: HLO_OP.fullmatch(e["name"]) is not None and not e["name"].startswith(CONTROL_FLOW)  # noqa: E731
     else:
         keep = lambda e: "/device:" in procs.get(e["pid"], "")  # noqa: E731
-    kernels = [(e["name"], e.get("args", {}).get("hlo_op", ""), float(e["ts"]), float(e["dur"])) for e in events
+    kernels = [(e["name"], e.get("args", {}).get("hlo_op", ""), float(e["ts"]), float(e["dur"]), 1) for e in events
                if e.get("ph") == "X" and "dur" in e and keep(e)]
     steps = a.models * steps_per_epoch(masks, recipe.batch_size)
     return {"layout": f"{strat.conv_impl}:{strat.vmap_width}@{len(devs)}", "model_steps": steps,
             "seconds_per_model_step": wall / steps, "device_processes": sorted(set(procs.values())),
-            **split(kernels, wall, CPU_KINDS if cpu else KINDS)}
+            **split(kernels, wall, CPU_KINDS if cpu else KINDS, timed=not cpu)}
 
 
 def profile_torch(a) -> dict:
@@ -143,9 +151,9 @@ def profile_torch(a) -> dict:
              test_images=d.test_images, test_labels=d.test_labels, mean=np.asarray(d.mean, np.float32),
              std=np.asarray(d.std, np.float32), masks=np.ones((1, d.n_train), bool))
     cuda = torch.cuda.is_available()
-    ns = argparse.Namespace(data=os.path.join(tmp, "d.npz"), device="cuda" if cuda else "cpu")
+    recipe = peer.peer_recipe("resnet9", a.width, dtype=a.dtype).to_dict()
+    ns = argparse.Namespace(data=os.path.join(tmp, "d.npz"), device="cuda" if cuda else "cpu", recipe=json.dumps(recipe))
     torch_, data = peer._torch_setup(ns)
-    recipe = peer.peer_recipe("resnet9", a.width).to_dict()
     net = peer._torch_model(torch, "resnet9", tuple(data["x"].shape[1:]), recipe["width"])
     net = net.to(data["device"], memory_format=data["format"]).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -175,13 +183,16 @@ def profile_torch(a) -> dict:
         data["sync"]()
         wall = time.perf_counter() - t
     if cuda:
-        kernels = [(e.name, "", float(e.time_range.start), float(e.time_range.end - e.time_range.start))
-                   for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # kernels only: user annotations on the GPU timeline ("Optimizer.step#SGD.step") span idle gaps too
+        kernels = [(e.name, "", float(e.time_range.start), float(e.time_range.end - e.time_range.start), 1)
+                   for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and not ANNOTATION.fullmatch(e.name)]
         return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall)}
-    # CPU: each aten op's self time (oneDNN convolutions are ``mkldnn_convolution`` and its backward)
-    kernels = [(e.key, "", 0.0, float(e.self_cpu_time_total)) for e in prof.key_averages()
+    # CPU: each aten op's self time (oneDNN convolutions are ``mkldnn_convolution`` and its backward);
+    # aggregated, so no busy time
+    kernels = [(e.key, "", 0.0, float(e.self_cpu_time_total), int(e.count)) for e in prof.key_averages()
                if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
-    return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall, CPU_KINDS)}
+    return {"model_steps": n, "seconds_per_model_step": wall / n, **split(kernels, wall, CPU_KINDS, timed=False)}
 
 
 def main(argv=None) -> int:
