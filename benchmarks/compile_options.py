@@ -37,28 +37,20 @@ def main() -> None:
     import jax
     import numpy as np
 
+    from train_chunk import train_chunk
+
     from jaxunlearn.data import load_digits
     from jaxunlearn.training.ensemble import EnsembleFns
     from jaxunlearn.training.recipe import load_recipe
-    from jaxunlearn.training.step import make_trainer
-    from jaxunlearn.training.strategy import ensemble_layout
-    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
     jax.config.update("jax_compilation_cache_dir", None)
     d = load_digits()
-    recipe = load_recipe(f"digits-{a.model}")
-    masks = random_subset_masks(d.n_train, a.models, 0.5, 0)
-    devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())
-    trainer = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std, steps_per_epoch(masks, recipe.batch_size),
-                           strat.conv_impl)
-    setup = EnsembleFns(trainer, a.models, strat.vmap_width, devs)  # the states to run on, compiled apart:
-    fns = EnsembleFns(trainer, a.models, strat.vmap_width, devs)  # JAX would reuse that executable in memory
-    sh = fns.models_sharding
-    ids = jax.device_put(np.arange(a.models, dtype=np.uint32), sh)
+    c = train_chunk(load_recipe(f"digits-{a.model}"), d, a.models, 0)
+    setup = c.fns  # the states to run on, compiled apart: JAX would reuse that executable in memory
+    fns = EnsembleFns(c.trainer, a.models, c.vmap_width, c.devices)
+    ids, images, labels, m = c.ids, c.images, c.labels, c.masks
     states, keys = setup.init_models(np.int32(0), ids)
-    images, labels = jax.device_put(d.train_images), jax.device_put(d.train_labels)
     all_images, all_labels = jax.device_put(d.all_images), jax.device_put(d.all_labels)
-    m = jax.device_put(masks, sh)
     programs = {
         "init_models": (fns.init_models, lambda: (np.int32(0), ids)),
         "epoch": (fns.epoch, lambda: (jax.tree.map(lambda t: t.copy(), states), images, labels, m, keys, np.int32(0))),
@@ -89,7 +81,7 @@ def main() -> None:
                   f"fusions {rows[-1]['fusions']:4d}  max |diff| {diff:.3g}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "models": a.models, "layout": f"{strat.conv_impl}:{strat.vmap_width}@{len(devs)}",
+            json.dump({"model": a.model, "models": a.models, "layout": c.layout,
                        "jax": jax.__version__, "rows": rows}, f, indent=2)
 
 

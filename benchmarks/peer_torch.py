@@ -133,37 +133,27 @@ def worker_ours(a) -> dict:
 
     use_one_cpu_device_per_core()
 
+    from train_chunk import train_chunk
+
     from jaxunlearn.data import load_dataset
-    from jaxunlearn.training.ensemble import EnsembleFns, model_keys
     from jaxunlearn.training.recipe import recipe_from_fields
-    from jaxunlearn.training.step import make_trainer
-    from jaxunlearn.training.strategy import ensemble_layout
-    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
     fields = json.loads(a.recipe)
     fields.pop("steps_per_epoch")
     recipe = recipe_from_fields(fields)
     d = load_dataset(PEER_MODELS[recipe.model][0], a.data_dir)
-    masks = random_subset_masks(d.n_train, a.models, 0.5, a.seed)
-    devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())  # as train_run lays out a chunk
-    trainer = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std,
-                           steps_per_epoch(masks, recipe.batch_size), strat.conv_impl)
-    width = strat.vmap_width
-    fns = EnsembleFns(trainer, a.models, width, devs)
-    images, labels = jax.device_put(d.train_images), jax.device_put(d.train_labels)
-    keys = model_keys(a.seed, np.arange(a.models), fns.models_sharding)
-    m = jax.device_put(masks, fns.models_sharding)
-    states = jax.block_until_ready(fns.init(keys))
+    c = train_chunk(recipe, d, a.models, a.seed)
+    states, keys = jax.block_until_ready(c.fns.init_models(np.int32(a.seed), c.ids))
     epochs = []
     for e in range(recipe.epochs):
         t = time.perf_counter()
-        states, _ = fns.epoch(states, images, labels, m, keys, np.int32(e))
+        states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(e))
         jax.block_until_ready(states)
         epochs.append(time.perf_counter() - t)
-    logits = np.asarray(fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
+    logits = np.asarray(c.fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
     acc = float((logits.argmax(-1) == d.test_labels[None]).mean())
     return {"epoch_seconds": epochs, "test_accuracy": acc,
-            "layout": f"{strat.conv_impl}:{width}@{len(devs)}", "jax_device": devs[0].device_kind}
+            "layout": c.layout, "jax_device": c.devices[0].device_kind}
 
 
 def _torch_setup(a):

@@ -94,28 +94,23 @@ def profile_ours(a) -> dict:
     import jax
     import numpy as np
 
+    sys.path.insert(0, HERE)
+    from train_chunk import train_chunk
+
     from jaxunlearn.data import load_dataset
-    from jaxunlearn.training.ensemble import EnsembleFns
     from jaxunlearn.training.recipe import load_recipe
-    from jaxunlearn.training.step import make_trainer
-    from jaxunlearn.training.strategy import ensemble_layout
-    from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
+    from jaxunlearn.training.subsets import steps_per_epoch
 
     d = load_dataset("cifar10", a.data_dir)
     recipe = load_recipe("cifar10-resnet9").replace(width=a.width, dtype=a.dtype)
-    masks = random_subset_masks(d.n_train, a.models, 0.5, 0)
-    devs, strat = ensemble_layout(recipe.model, a.models, jax.local_devices())
-    tr = make_trainer(recipe, d.num_classes, d.image_shape, d.mean, d.std, steps_per_epoch(masks, recipe.batch_size),
-                      strat.conv_impl)
-    fns = EnsembleFns(tr, a.models, strat.vmap_width, devs)
-    states, keys = fns.init_models(0, np.arange(a.models))
-    x, y = jax.device_put(d.train_images), jax.device_put(d.train_labels)
-    m = jax.device_put(masks, fns.models_sharding)
-    states, _ = jax.block_until_ready(fns.epoch(states, x, y, m, keys, np.int32(0)))  # compile + warm-up
+    c = train_chunk(recipe, d, a.models, 0)
+    x, y, m = c.images, c.labels, c.masks
+    states, keys = c.fns.init_models(np.int32(0), c.ids)
+    states, _ = jax.block_until_ready(c.fns.epoch(states, x, y, m, keys, np.int32(0)))  # compile + warm-up
     trace = tempfile.mkdtemp(prefix="step-profile-")
     with jax.profiler.trace(trace, create_perfetto_trace=True):
         t = time.perf_counter()
-        states, _ = jax.block_until_ready(fns.epoch(states, x, y, m, keys, np.int32(1)))
+        states, _ = jax.block_until_ready(c.fns.epoch(states, x, y, m, keys, np.int32(1)))
         wall = time.perf_counter() - t
     path = glob.glob(os.path.join(trace, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
@@ -130,8 +125,8 @@ def profile_ours(a) -> dict:
         keep = lambda e: "/device:" in procs.get(e["pid"], "")  # noqa: E731
     kernels = [(e["name"], e.get("args", {}).get("hlo_op", ""), float(e["ts"]), float(e["dur"]), 1) for e in events
                if e.get("ph") == "X" and "dur" in e and keep(e)]
-    steps = a.models * steps_per_epoch(masks, recipe.batch_size)
-    return {"layout": f"{strat.conv_impl}:{strat.vmap_width}@{len(devs)}", "model_steps": steps,
+    steps = a.models * steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
+    return {"layout": c.layout, "model_steps": steps,
             "seconds_per_model_step": wall / steps, "device_processes": sorted(set(procs.values())),
             **split(kernels, wall, CPU_KINDS if cpu else KINDS, timed=not cpu)}
 
