@@ -10,7 +10,7 @@ from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # every shape for the formulations with their own index arithmetic (im2col, the custom backward);
 # two (a strided padded one and an unpadded one) for the plain re-wirings
-CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHAPES] + \
+CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical", "winograd") for shape in SHAPES] + \
         [(impl, *shape) for impl in ("shift", "xla_nchw") for shape in SHAPES[1:3]]
 
 
@@ -38,16 +38,18 @@ def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 
-def test_canonical_conv_gradients_under_vmap_over_models():
-    """The ensemble vmaps the custom backward over models (kernels and inputs both batched)."""
+@pytest.mark.parametrize("impl,stride", [("xla_canonical", 2), ("winograd", 1)])
+def test_conv_gradients_under_vmap_over_models(impl, stride):
+    """The ensemble vmaps a formulation over models (kernels and inputs both batched): the custom
+    backward, and Winograd's sixteen matmuls (batched over models and tile positions)."""
     kx, kk = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (3, 2, 8, 7, 3))
     w = jax.random.normal(kk, (3, 3, 3, 3, 4))
 
     def grads(conv):
-        return jax.vmap(jax.grad(lambda x, w: (conv(x, w, 2, 1) ** 2).sum(), argnums=(0, 1)))(x, w)
+        return jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1)))(x, w)
 
-    for u, v in zip(grads(CONV_FNS["xla_canonical"]), grads(xla_conv)):
+    for u, v in zip(grads(CONV_FNS[impl]), grads(xla_conv)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 

@@ -10,6 +10,8 @@
 * ``"im2col"``: patches by strided slicing, then one matmul. Under ``vmap`` it becomes a
   batched matmul, which every backend runs well.
 * ``"shift"``: a sum of k·k shifted matmuls, no patch tensor in memory.
+* ``"winograd"``: 3x3 stride-1 convolutions as Winograd's F(2x2, 3x3), 2.25x fewer multiplications
+  for a transform of the input and output tiles (:func:`winograd_conv`); im2col for the others.
 
 Which one an ensemble uses is measured (``benchmarks/ensemble_throughput.py``), not assumed.
 """
@@ -55,6 +57,43 @@ def shift_conv(x, kernel, stride: int, padding: int):
     for window, tap in zip(windows[1:], taps[1:]):
         out = out + window @ tap
     return out
+
+
+# Winograd's minimal filtering F(2, 3) (Lavin & Gray, CVPR 2016): on 4-sample tiles that overlap by 2,
+# y = A^T [(G g) * (B^T d)]; B^T and A^T are applied in _winograd_in / _winograd_out
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_in(x, axis: int, tiles: int) -> list:
+    """B^T d along ``axis`` for ``tiles`` tiles of 4 at stride 2: four arrays with ``tiles`` on that axis."""
+    s = [lax.slice_in_dim(x, r, r + 2 * (tiles - 1) + 1, 2, axis) for r in range(4)]
+    return [s[0] - s[2], s[1] + s[2], s[2] - s[1], s[1] - s[3]]
+
+
+def _winograd_out(m) -> list:
+    """A^T m over the leading axis (4 long): a tile's two outputs."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_conv(x, kernel, stride: int, padding: int):
+    """Same contract as :func:`im2col_conv`. A 3x3 stride-1 convolution is computed as Winograd's
+    F(2x2, 3x3): the input cut into 4x4 tiles (stride 2) and transformed, sixteen matmuls
+    [B·tiles, C] x [C, F] (one per tile position; a batched matmul under ``vmap``), the 2x2 outputs
+    transformed back. 16 multiplications per 2x2 outputs instead of 36, for transforms that move data:
+    it pays where the channels are wide (``benchmarks/conv_layer_probe.py``). Other kernels and strides
+    use :func:`im2col_conv`. Same values as ``lax.conv`` to float32 rounding (tested)."""
+    if kernel.shape[:2] != (3, 3) or stride != 1:
+        return im2col_conv(x, kernel, stride, padding)
+    b, h, w, c = x.shape
+    ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+    th, tw = -(-ho // 2), -(-wo // 2)  # an odd output size gets one more row / column, cropped at the end
+    x = jnp.pad(x, ((0, 0), (padding, padding + 2 * th - ho), (padding, padding + 2 * tw - wo), (0, 0)))
+    v = jnp.stack([jnp.stack(_winograd_in(r, 2, tw)) for r in _winograd_in(x, 1, th)])  # [4, 4, B, th, tw, C]
+    g = jnp.asarray(WINOGRAD_G, kernel.dtype)
+    u = jnp.einsum("ai,ijcf,bj->abcf", g, kernel, g)  # G g G^T: [4, 4, C, F]
+    m = jnp.einsum("abnc,abcf->abnf", v.reshape(4, 4, b * th * tw, c), u).reshape(4, 4, b, th, tw, -1)
+    y = jnp.stack([jnp.stack(_winograd_out(r)) for r in _winograd_out(m)])  # [2, 2, B, th, tw, F]
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1)[:, :ho, :wo]
 
 
 def xla_nchw_conv(x, kernel, stride: int, padding: int):
@@ -122,7 +161,7 @@ def max_pool_2x2(x):
 
 
 CONV_FNS = {"im2col": im2col_conv, "xla": xla_conv, "xla_canonical": canonical_conv, "shift": shift_conv,
-            "xla_nchw": xla_nchw_conv}
+            "xla_nchw": xla_nchw_conv, "winograd": winograd_conv}
 CONV_IMPLS = tuple(CONV_FNS)
 
 
