@@ -7,6 +7,9 @@
 #   peer  : the paper's ResNet-9 recipe on cifar10-mini (DATA_DIR), ours vs the PyTorch loop (channels-last,
 #           bf16 autocast, cuDNN autotuning), M = MODELS models each, on the same card (benchmarks/peer_torch.py);
 #           TILE=10 repeats the training images 10x: 25,425 images per model, 50 steps an epoch (the paper: 49)
+#   levers: the XLA option sets that might shorten the ResNet-9 step (the epoch's scan as one CUDA graph, while-loop
+#           double buffering, autotune levels), each compiled in a process of its own, the same MODELS-model bf16
+#           chunk on DATA_DIR (benchmarks/compile_options.py --isolate): run and compile time against the default's
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
 stage=$1; out=$2; mkdir -p "$out"
@@ -43,5 +46,10 @@ peer)
   run timeout ${TIMEOUT:-420} $py benchmarks/peer_torch.py --configs "resnet9:$m" --device cuda --tile-train "$tile" \
       --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" --skip "torch-vmap@resnet9:$m" \
       --json "$out/gpu_peer_torch_resnet9_m${m}_tile$tile.json"
+  ;;
+levers)
+  run timeout ${TIMEOUT:-420} $py benchmarks/compile_options.py --model resnet9 --dtype bfloat16 --models ${MODELS:-8} \
+      --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" --programs epoch --isolate \
+      --json "$out/gpu_compile_options_resnet9_m${MODELS:-8}.json"
   ;;
 esac
