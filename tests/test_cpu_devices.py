@@ -66,7 +66,9 @@ def test_default_layout_per_device_count():
     assert default_strategy("cnn", "cpu", 64).conv_impl == "im2col"
     assert (default_strategy("cnn", "cpu", 64, 2).conv_impl, default_strategy("cnn", "cpu", 64, 2).vmap_width) == \
         ("xla_canonical", 1)
-    assert default_strategy("resnet9", "cpu", 8, 2).conv_impl == "im2col"
+    assert default_strategy("resnet9", "cpu", 8, 2).conv_impl == "winograd"
+    assert default_strategy("resnet9", "cpu", 8).conv_impl == "winograd"
+    assert default_strategy("resnet18", "cpu", 8, 2).conv_impl == "im2col"
     assert default_strategy("resnet9", "gpu", 8, 2).conv_impl == "xla"
 
 

@@ -1,3 +1,5 @@
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,42 @@ from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 
 SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # every shape for the formulations with their own index arithmetic (im2col, the custom backward);
-# two (a strided padded one and an unpadded one) for the plain re-wirings
-CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical", "winograd") for shape in SHAPES] + \
-        [(impl, *shape) for impl in ("shift", "xla_nchw") for shape in SHAPES[1:3]]
+# two (a strided padded one and an unpadded one) for the plain re-wirings; one for winograd at 3 channels
+# (im2col there; its own arithmetic has the test after this one)
+CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHAPES] + \
+        [(impl, *shape) for impl in ("shift", "xla_nchw") for shape in SHAPES[1:3]] + [("winograd", *SHAPES[1])]
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 1, 0), (5, 2, 2), (6, 2, 1)])
+def test_winograd_equals_xla_conv_where_it_is_used(k, stride, pad):
+    """Winograd's own arithmetic, values and both gradients: every channel count let through (odd and even
+    sizes), and the default threshold (16 channels: im2col for 3x3, Winograd over 4·16 for 5x5 stride 2)."""
+    def values_and_grads(conv, x, w, g):
+        return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
+
+    for c, min_channels, size in ((3, 1, (9, 9)), (3, 1, (8, 7)), (16, 64, (8, 7))):
+        kx, kk, kg = jax.random.split(jax.random.key(size[1] + c), 3)
+        x = jax.random.normal(kx, (2, *size, c))
+        w = jax.random.normal(kk, (k, k, c, 5)) / c ** 0.5
+        g = jax.random.normal(kg, xla_conv(x, w, stride, pad).shape)
+        conv = partial(CONV_FNS["winograd"], min_channels=min_channels)
+        got = jax.jit(partial(values_and_grads, conv))(x, w, g)
+        want = jax.jit(partial(values_and_grads, xla_conv))(x, w, g)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+        for u, v in zip(got[1], want[1]):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+
+
+def test_winograd_takes_the_winograd_path_from_64_channels():
+    """Which formulation runs, read off the program: Winograd's matmul is batched over the 4x4 tile positions
+    (two batch dimensions), im2col's is not. A 5x5 stride-2 layer counts its 4·C space-to-depth channels."""
+    def winograd_used(c, k=3, stride=1):
+        x, w = jnp.zeros((1, 8, 8, c)), jnp.zeros((k, k, c, 4))
+        jaxpr = jax.make_jaxpr(CONV_FNS["winograd"], static_argnums=(2, 3))(x, w, stride, 1).jaxpr
+        return any(len(e.params["dimension_numbers"][1][0]) == 2 for e in jaxpr.eqns if e.primitive.name == "dot_general")
+
+    assert winograd_used(64) and not winograd_used(32) and not winograd_used(3)
+    assert winograd_used(16, 5, 2) and not winograd_used(8, 5, 2) and not winograd_used(64, 3, 2)
 
 
 def test_every_conv_formulation_is_checked():
@@ -38,18 +73,19 @@ def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("impl,stride", [("xla_canonical", 2), ("winograd", 1)])
-def test_conv_gradients_under_vmap_over_models(impl, stride):
+@pytest.mark.parametrize("impl,k,stride", [("xla_canonical", 3, 2), ("winograd", 3, 1), ("winograd", 5, 2)])
+def test_conv_gradients_under_vmap_over_models(impl, k, stride):
     """The ensemble vmaps a formulation over models (kernels and inputs both batched): the custom
     backward, and Winograd's sixteen matmuls (batched over models and tile positions)."""
     kx, kk = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (3, 2, 8, 7, 3))
-    w = jax.random.normal(kk, (3, 3, 3, 3, 4))
+    w = jax.random.normal(kk, (3, k, k, 3, 4))
 
     def grads(conv):
         return jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1)))(x, w)
 
-    for u, v in zip(grads(CONV_FNS[impl]), grads(xla_conv)):
+    conv = partial(CONV_FNS["winograd"], min_channels=1) if impl == "winograd" else CONV_FNS[impl]
+    for u, v in zip(grads(conv), grads(xla_conv)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 

@@ -10,8 +10,9 @@
 * ``"im2col"``: patches by strided slicing, then one matmul. Under ``vmap`` it becomes a
   batched matmul, which every backend runs well.
 * ``"shift"``: a sum of k·k shifted matmuls, no patch tensor in memory.
-* ``"winograd"``: 3x3 stride-1 convolutions as Winograd's F(2x2, 3x3), 2.25x fewer multiplications
-  for a transform of the input and output tiles (:func:`winograd_conv`); im2col for the others.
+* ``"winograd"``: 3x3 stride-1 convolutions of 64 or more input channels as Winograd's F(2x2, 3x3),
+  2.25x fewer multiplications for a transform of the input and output tiles (:func:`winograd_conv`);
+  5x5 and 6x6 stride-2 ones as 3x3 ones over 2x2 blocks of the input, then the same; im2col for the rest.
 
 Which one an ensemble uses is measured (``benchmarks/ensemble_throughput.py``), not assumed.
 """
@@ -75,15 +76,31 @@ def _winograd_out(m) -> list:
     return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 
 
-def winograd_conv(x, kernel, stride: int, padding: int):
+# below this many input channels (4·C after space-to-depth) Winograd's transforms cost more than the
+# multiplications they save: measured per ResNet-9 layer on a 2-core CPU (conv_layer_probe.py: 32 a tie or a
+# loss, 64 and up a gain; the 3-channel first layer 3.5x slower)
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd_conv(x, kernel, stride: int, padding: int, min_channels: int = WINOGRAD_MIN_CHANNELS):
     """Same contract as :func:`im2col_conv`. A 3x3 stride-1 convolution is computed as Winograd's
     F(2x2, 3x3): the input cut into 4x4 tiles (stride 2) and transformed, sixteen matmuls
     [B·tiles, C] x [C, F] (one per tile position; a batched matmul under ``vmap``), the 2x2 outputs
     transformed back. 16 multiplications per 2x2 outputs instead of 36, for transforms that move data:
-    it pays where the channels are wide (``benchmarks/conv_layer_probe.py``). Other kernels and strides
-    use :func:`im2col_conv`. Same values as ``lax.conv`` to float32 rounding (tested)."""
-    if kernel.shape[:2] != (3, 3) or stride != 1:
-        return im2col_conv(x, kernel, stride, padding)
+    it pays where the channels are wide, so below ``min_channels`` input channels :func:`im2col_conv` is
+    used (``benchmarks/conv_layer_probe.py``). A 5x5 or 6x6 stride-2 convolution becomes a 3x3 stride-1
+    one over the input's 2x2 blocks, 4·C channels (:func:`space_to_depth_conv`), then the same. Other
+    kernels and strides use :func:`im2col_conv`. Same values as ``lax.conv`` to float32 rounding (tested)."""
+    k, c = kernel.shape[0], x.shape[-1]
+    if k == 3 and stride == 1 and c >= min_channels:
+        return _winograd_3x3(x, kernel, padding)
+    if stride == 2 and k in (5, 6) and 4 * c >= min_channels:
+        return space_to_depth_conv(x, kernel, padding, _winograd_3x3)
+    return im2col_conv(x, kernel, stride, padding)
+
+
+def _winograd_3x3(x, kernel, padding: int):
+    """F(2x2, 3x3) for a 3x3 stride-1 convolution: x f32[B, H, W, C], kernel f32[3, 3, C, F]."""
     b, h, w, c = x.shape
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
     th, tw = -(-ho // 2), -(-wo // 2)  # an odd output size gets one more row / column, cropped at the end
@@ -94,6 +111,22 @@ def winograd_conv(x, kernel, stride: int, padding: int):
     m = jnp.einsum("abnc,abcf->abnf", v.reshape(4, 4, b * th * tw, c), u).reshape(4, 4, b, th, tw, -1)
     y = jnp.stack([jnp.stack(_winograd_out(r)) for r in _winograd_out(m)])  # [2, 2, B, th, tw, F]
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1)[:, :ho, :wo]
+
+
+def space_to_depth_conv(x, kernel, padding: int, conv3x3):
+    """A k x k stride-2 convolution (k = 5 or 6) as a 3x3 stride-1 one, unpadded, over the zero-padded
+    input's 2x2 blocks (4·C channels) with the kernel zero-padded to 6x6 and regrouped the same way:
+    output o reads padded rows 2o .. 2o+5, which are rows o .. o+2 of the blocks.
+    x: f32[B, H, W, C], kernel: f32[k, k, C, F]; ``conv3x3(x, kernel, padding)`` -> f32[B, Ho, Wo, F]."""
+    b, h, w, c = x.shape
+    k, f = kernel.shape[0], kernel.shape[-1]
+    ho, wo = (h + 2 * padding - k) // 2 + 1, (w + 2 * padding - k) // 2 + 1
+    rows, cols = 2 * (ho + 2), 2 * (wo + 2)  # the padded span the blocks cover (a stride remainder is cut off)
+    x = jnp.pad(x, ((0, 0), (padding, max(0, rows - h - padding)), (padding, max(0, cols - w - padding)), (0, 0)))
+    x = x[:, :rows, :cols].reshape(b, ho + 2, 2, wo + 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, ho + 2, wo + 2, 4 * c)
+    kernel = jnp.pad(kernel, ((0, 6 - k), (0, 6 - k), (0, 0), (0, 0)))
+    kernel = kernel.reshape(3, 2, 3, 2, c, f).transpose(0, 2, 1, 3, 4, 5).reshape(3, 3, 4 * c, f)
+    return conv3x3(x, kernel, 0)
 
 
 def xla_nchw_conv(x, kernel, stride: int, padding: int):

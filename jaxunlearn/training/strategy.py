@@ -44,7 +44,7 @@ def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1
         # CPU, digits CNN x64 (cpu_digits_cnn_layouts.json): im2col beats every XLA conv formulation inside
         # the epoch scan (plain XLA convs: 9x slower there); 4-8 small CNNs vmapped into batched matmuls beat
         # one at a time by 10-20 %. ResNet-9 (width 0.25) fills the cores alone: width 2 = width 1.
-        return Strategy("im2col", min(n_models, 4) if model == "cnn" else 1)
+        return Strategy(_cpu_conv(model), min(n_models, 4) if model == "cnn" else 1)
     # GPU: one model at a time with cuDNN convs, measured on an H100 (ResNet-9, 5.01 vs 2.98 model-epochs/s
     # for vmapping 8 into grouped convs; benchmarks/RESULTS.md)
     return Strategy("xla", 1)
@@ -58,4 +58,13 @@ def _cpu_per_core(model: str, share: int) -> Strategy:
     vmap 4 at a time per device (0.050 s/epoch for 64 digits MLPs, 8: 0.056, 16: 0.059)."""
     if model == "mlp":
         return Strategy("xla", min(share, 4))
-    return Strategy("xla_canonical" if model == "cnn" else "im2col", 1)
+    return Strategy("xla_canonical" if model == "cnn" else _cpu_conv(model), 1)
+
+
+def _cpu_conv(model: str) -> str:
+    """The conv formulation of a conv net on CPU. ResNet-9: Winograd (F(2x2, 3x3) on its layers of 64 or
+    more input channels), measured side by side with im2col, one model per core (``ensemble_throughput.py``):
+    width 1, batch 256, 0.167 vs 0.134 models/s (1.25x, ``cpu_resnet9_w1_b256_winograd.json``); width 0.25,
+    0.454 vs 0.435 at batch 512 and 0.538 vs 0.526 at batch 128 (ties, ``cpu_resnet9_w025_*_winograd.json``).
+    The other nets keep im2col (not measured with it)."""
+    return "winograd" if model == "resnet9" else "im2col"
