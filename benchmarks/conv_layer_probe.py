@@ -2,14 +2,15 @@
 
     python benchmarks/conv_layer_probe.py [--width 0.25] [--batch 512] [--json FILE]
 
-The question it answers: would Winograd's minimal filtering, F(2x2, 3x3), make our CPU ResNet-9 step
-cheaper? It does 2.25x fewer multiplications than a 3x3 convolution, but its input and output
+The question it answered: would Winograd's minimal filtering, F(2x2, 3x3), make our CPU ResNet-9 step
+cheaper (yes, where a layer's channels are wide; ``winograd_conv`` is ResNet-9's CPU default since)? It does 2.25x fewer multiplications than a 3x3 convolution, but its input and output
 transforms move data, and on this CPU data movement, not the dots, is most of the im2col step
 (benchmarks/RESULTS.md, "ResNet-9 on the CPU"). For every convolution of the ResNet-9 at ``--width``
 (its input shape at batch ``--batch``), this times the gradient of a loss through it, as the training
 step computes it, inside a 4-step ``lax.scan`` (XLA's CPU backend compiles loop bodies differently,
-see ``canonical_conv``), for ``im2col`` (the CPU default), ``xla_canonical`` and, for the 3x3 stride-1
-layers, ``winograd`` (``models/layers.py: winograd_conv``, checked against ``lax.conv`` before timing).
+see ``canonical_conv``), for ``im2col``, ``xla_canonical`` and, for the 3x3 stride-1
+layers and the 5x5 stride-2 one, ``winograd`` (``models/layers.py: winograd_conv``, checked against
+``lax.conv`` before timing).
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ def resnet9_convs(width: float) -> list:
 
 
 def check_winograd(key) -> float:
-    """Largest difference of winograd_conv's output and gradients from lax.conv's, over odd and even sizes."""
+    """Largest difference of winograd_conv's output and gradients from lax.conv's (relative to the largest
+    value), 3x3 stride 1 and 5x5 stride 2, over odd and even sizes."""
     worst = 0.0
-    for i, (b, h, w, c, f, p) in enumerate([(2, 8, 8, 3, 5, 1), (2, 7, 9, 4, 6, 1), (3, 8, 8, 4, 4, 0), (2, 5, 6, 2, 3, 0)]):
+    cases = [(2, 8, 8, 3, 5, 1), (2, 7, 9, 4, 6, 1), (3, 8, 8, 4, 4, 0), (2, 5, 6, 2, 3, 0)]
+    for i, ((b, h, w, c, f, p), (k, s)) in enumerate((case, ks) for case in cases for ks in ((3, 1), (5, 2))):
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-        x, kern = jax.random.normal(k1, (b, h, w, c)), jax.random.normal(k2, (3, 3, c, f))
-        dy = jax.random.normal(k3, xla_conv(x, kern, 1, p).shape)
-        ref = jax.value_and_grad(lambda x, k: jnp.sum(xla_conv(x, k, 1, p) * dy), (0, 1))(x, kern)
-        got = jax.value_and_grad(lambda x, k: jnp.sum(winograd_conv(x, k, 1, p) * dy), (0, 1))(x, kern)
+        x, kern = jax.random.normal(k1, (b, h + 4, w + 4, c)), jax.random.normal(k2, (k, k, c, f))
+        dy = jax.random.normal(k3, xla_conv(x, kern, s, p).shape)
+        ref = jax.value_and_grad(lambda x, kern: jnp.sum(xla_conv(x, kern, s, p) * dy), (0, 1))(x, kern)
+        got = jax.value_and_grad(lambda x, kern: jnp.sum(winograd_conv(x, kern, s, p) * dy), (0, 1))(x, kern)
         worst = max(worst, *(float(jnp.max(jnp.abs(r - g)) / (1 + jnp.max(jnp.abs(r))))
                              for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got))))
     return worst
@@ -78,7 +81,7 @@ def main(argv=None) -> None:
         x = jax.random.normal(key, (a.batch, hw, hw, c_in))
         kernel = 0.1 * jax.random.normal(key, (k, k, c_in, c_out))
         impls = {"im2col": im2col_conv, "xla_canonical": canonical_conv}
-        if k == 3 and s == 1:
+        if (k, s) in ((3, 1), (5, 2)):  # where winograd_conv is not im2col
             impls["winograd"] = winograd_conv
         secs = {impl: time_layer(fn, x, kernel, s, pad) for impl, fn in impls.items()}
         best = min(secs, key=secs.get)
