@@ -426,7 +426,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             chunk = balanced_chunk(cfg.models, chunk, len(devs))
         chunk = max(1, min(int(chunk), padded))
         # the conv formulation measured for the devices this chunk size really uses (the estimate above
-        # was for the whole ensemble's; im2col, the one-device CPU choice, is the larger of the two)
+        # was for the whole ensemble's; for the digits CNN, im2col, the one-device CPU choice, is the larger
+        # of the two; ResNet-9 uses Winograd either way, estimated above with it)
         conv_impl = cfg.conv_impl or ensemble_layout(cfg.recipe.model, chunk, devs)[1].conv_impl
 
     def width_for(c: int) -> int:  # per device; an explicit --vmap-width is kept (on fewer devices if need be)
