@@ -56,7 +56,7 @@ def candidates_for(backend: str) -> dict:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)  # --isolate re-reads its own argv: flags spelt out
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "resnet9"])
     p.add_argument("--models", type=int, default=64)
     p.add_argument("--data-dir", default=None, help="resnet9: the CIFAR-10 python archive folder (default: tfds)")
@@ -75,25 +75,28 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-def isolated(a, argv: list) -> list:
-    """Every candidate in a child process of its own (this script, ``--candidates NAME``), in order; their rows."""
-    import jax
-
-    names = a.candidates or list(candidates_for(jax.default_backend()))
+def isolated(a, argv: list, names: list, dump: str, write) -> list:
+    """Every candidate of ``names`` in a child process of its own (this script, ``--candidates NAME``), in
+    order, their outputs saved in ``dump``; their rows, handed to ``write`` after each child (a timeout
+    keeps what was measured). The children get the environment this process was started with."""
     rows = []
+    child_args = argv
+    for flag in ("--json", "--candidates", "--dump"):
+        child_args = _without(child_args, flag)
+    child_args = [x for x in child_args if x != "--isolate"]
     with tempfile.TemporaryDirectory(prefix="compile-options-") as tmp:
         for name in names:
             out = os.path.join(tmp, f"{name}.json")
-            child = [x for x in argv if x != "--isolate"]
-            child = _without(_without(child, "--json"), "--candidates") + ["--candidates", name, "--json", out]
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), *child])
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), *child_args, "--candidates", name,
+                                "--json", out, "--dump", dump], env=CHILD_ENV)
             if r.returncode != 0:
                 print(f"candidate {name}: the child process failed (exit {r.returncode}); its rows are missing",
                       flush=True)
                 rows.append({"options": name, "error": f"exit {r.returncode}"})
-                continue
-            with open(out) as f:
-                rows += json.load(f)["rows"]
+            else:
+                with open(out) as f:
+                    rows += json.load(f)["rows"]
+            write(rows)
     return rows
 
 
@@ -155,7 +158,7 @@ def measure(a, dump: str | None) -> dict:
     unknown = sorted(set(a.candidates or ()) - set(candidates))
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown} on {jax.default_backend()}; choose from {list(candidates)}")
-    names = a.candidates or list(candidates)
+    names = sorted(a.candidates or list(candidates), key=lambda n: n != "default")  # the reference first
     c, recipe, d = chunk(a)
     setup = c.fns  # the states to run on, compiled apart: JAX would reuse that executable in memory
     fns = EnsembleFns(c.trainer, a.models, c.vmap_width, c.devices)
@@ -193,31 +196,35 @@ def measure(a, dump: str | None) -> dict:
             leaves = leaves_of(out)
             if dump:
                 np.savez(os.path.join(dump, f"{name}.{cand}.npz"), *leaves)
-            reference = reference or leaves
+            if cand == "default":
+                reference = leaves
             row = {"program": name, "options": cand, "compile_s": compile_s, "run_s": min(runs),
-                   "fusions": compiled.as_text().count("fusion("), "max_abs_diff_vs_default": max_diff(reference, leaves)}
+                   "fusions": compiled.as_text().count("fusion("),
+                   "max_abs_diff_vs_default": None if reference is None else max_diff(reference, leaves)}
             if name == "epoch":
                 row["ms_per_model_step"] = 1e3 * min(runs) / model_steps
             rows.append(row)
+            diff = row["max_abs_diff_vs_default"]
             print(f"{name:12s} {cand:22s} compile {compile_s:6.3f} s  run {min(runs):7.4f} s  "
-                  f"fusions {row['fusions']:4d}  max |diff| {row['max_abs_diff_vs_default']:.3g}", flush=True)
+                  f"fusions {row['fusions']:4d}  max |diff| {'–' if diff is None else f'{diff:.3g}'}", flush=True)
     return {"model": a.model, "models": a.models, "layout": c.layout, "model_steps_per_epoch": int(model_steps),
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "rows": rows}
 
 
 def compare_dumps(rows: list, dump: str) -> None:
-    """Each isolated row's largest difference from the first candidate's outputs, its program's reference."""
+    """Each isolated row's largest difference from the default candidate's outputs (None without them)."""
     import numpy as np
 
-    first = {}
-    for row in rows:
-        if "error" in row:
-            continue
+    def leaves(row):
         with np.load(os.path.join(dump, f"{row['program']}.{row['options']}.npz")) as z:
-            leaves = [z[k] for k in z.files]
-        ref = first.setdefault(row["program"], leaves)
-        row["max_abs_diff_vs_default"] = max_diff(ref, leaves)
+            return [z[k] for k in z.files]
+
+    ok = [r for r in rows if "error" not in r]
+    reference = {r["program"]: leaves(r) for r in ok if r["options"] == "default"}
+    for row in ok:
+        ref = reference.get(row["program"])
+        row["max_abs_diff_vs_default"] = None if ref is None else max_diff(ref, leaves(row))
 
 
 def with_ratios(rows: list) -> list:
@@ -231,29 +238,48 @@ def with_ratios(rows: list) -> list:
     return rows
 
 
+CHILD_ENV = dict(os.environ)  # --isolate's children: the environment as this process found it
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
+    if a.isolate and a.dump is None:
+        # this process only reads the device's kind: it must not take the GPU's memory from its children
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     use_one_cpu_device_per_core()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if a.isolate:
+
+    def write(result):
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    if a.isolate and a.dump is None:  # a child (it has --dump) never isolates again
         import jax
 
-        with tempfile.TemporaryDirectory(prefix="compile-options-dump-") as d:
-            rows = isolated(a, argv + ["--dump", d])
-            compare_dumps(rows, d)
+        known = candidates_for(jax.default_backend())
+        unknown = sorted(set(a.candidates or ()) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown candidate(s) {unknown} on {jax.default_backend()}; choose from {list(known)}")
+        names = sorted(a.candidates or list(known), key=lambda n: n != "default")
         result = {"model": a.model, "models": a.models, "isolated": True, "backend": jax.default_backend(),
-                  "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
+                  "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
+        with tempfile.TemporaryDirectory(prefix="compile-options-dump-") as d:
+            result["rows"] = isolated(a, argv, names, d, lambda rows: write({**result, "rows": rows}))
+            compare_dumps(result["rows"], d)
     else:
         result = measure(a, a.dump)
     result["rows"] = with_ratios(result["rows"])
     for r in result["rows"] if a.dump is None else ():  # an --isolate child leaves the summary to its parent
         if "run_vs_default" in r:
+            diff = r["max_abs_diff_vs_default"]
             print(f"{r['program']:12s} {r['options']:22s} run ×{r['run_vs_default']:.3f}  "
-                  f"compile ×{r['compile_vs_default']:.3f} of the default's", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+                  f"compile ×{r['compile_vs_default']:.3f} of the default's, outputs differ by at most "
+                  f"{'–' if diff is None else f'{diff:.3g}'}", flush=True)
+        elif "error" in r:
+            print(f"{r.get('program', '-'):12s} {r['options']:22s} failed", flush=True)
+    write(result)
 
 
 if __name__ == "__main__":
