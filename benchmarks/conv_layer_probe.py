@@ -1,6 +1,6 @@
 """Each ResNet-9 convolution alone, forward + backward, under each CPU formulation, side by side in one run.
 
-    python benchmarks/conv_layer_probe.py [--width 0.25] [--batch 512] [--json FILE]
+    python benchmarks/conv_layer_probe.py [--width 0.25] [--batch 512] [--min-channels 64] [--json FILE]
 
 The question it answered: would Winograd's minimal filtering, F(2x2, 3x3), make our CPU ResNet-9 step
 cheaper (yes, where a layer's channels are wide; ``winograd_conv`` is ResNet-9's CPU default since)? It does 2.25x fewer multiplications than a 3x3 convolution, but its input and output
@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxunlearn.models.layers import canonical_conv, im2col_conv, winograd_conv, xla_conv
+from jaxunlearn.models.layers import WINOGRAD_MIN_CHANNELS, canonical_conv, im2col_conv, winograd_conv, xla_conv
 
 def resnet9_convs(width: float) -> list:
     """(name, input size, c_in, c_out, kernel, stride, padding) of every ResNet-9 convolution (models/nets.py)."""
@@ -42,8 +43,9 @@ def check_winograd(key) -> float:
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
         x, kern = jax.random.normal(k1, (b, h + 4, w + 4, c)), jax.random.normal(k2, (k, k, c, f))
         dy = jax.random.normal(k3, xla_conv(x, kern, s, p).shape)
+        wino = partial(winograd_conv, min_channels=1)  # Winograd itself at these few channels, not im2col
         ref = jax.value_and_grad(lambda x, kern: jnp.sum(xla_conv(x, kern, s, p) * dy), (0, 1))(x, kern)
-        got = jax.value_and_grad(lambda x, kern: jnp.sum(winograd_conv(x, kern, s, p) * dy), (0, 1))(x, kern)
+        got = jax.value_and_grad(lambda x, kern: jnp.sum(wino(x, kern, s, p) * dy), (0, 1))(x, kern)
         worst = max(worst, *(float(jnp.max(jnp.abs(r - g)) / (1 + jnp.max(jnp.abs(r))))
                              for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got))))
     return worst
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--min-channels", type=int, default=WINOGRAD_MIN_CHANNELS,
+                   help="winograd_conv's threshold (below it, im2col); 1: Winograd on every 3x3 / 5x5-stride-2 layer")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     key = jax.random.PRNGKey(0)
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
         kernel = 0.1 * jax.random.normal(key, (k, k, c_in, c_out))
         impls = {"im2col": im2col_conv, "xla_canonical": canonical_conv}
         if (k, s) in ((3, 1), (5, 2)):  # where winograd_conv is not im2col
-            impls["winograd"] = winograd_conv
+            impls["winograd"] = partial(winograd_conv, min_channels=a.min_channels)
         secs = {impl: time_layer(fn, x, kernel, s, pad) for impl, fn in impls.items()}
         best = min(secs, key=secs.get)
         totals["im2col"] = totals.get("im2col", 0.0) + secs["im2col"]
@@ -94,7 +98,8 @@ def main(argv=None) -> None:
     print("all layers, s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in totals.items()))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"width": a.width, "batch": a.batch, "backend": jax.default_backend(), "jax": jax.__version__,
+            json.dump({"width": a.width, "batch": a.batch, "winograd_min_channels": a.min_channels,
+                       "backend": jax.default_backend(), "jax": jax.__version__,
                        "winograd_max_rel_diff": err, "layers": rows, "totals": totals}, f, indent=2)
 
 
