@@ -55,6 +55,15 @@ def candidates_for(backend: str) -> dict:
     return CPU_CANDIDATES if backend == "cpu" else GPU_CANDIDATES
 
 
+def candidate_names(a, backend: str) -> list:
+    """``--candidates`` (or all of the backend's), checked, the default first: it is the reference."""
+    known = candidates_for(backend)
+    unknown = sorted(set(a.candidates or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {unknown} on {backend}; choose from {list(known)}")
+    return sorted(a.candidates or list(known), key=lambda n: n != "default")
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(allow_abbrev=False)  # --isolate re-reads its own argv: flags spelt out
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn", "resnet9"])
@@ -155,10 +164,7 @@ def measure(a, dump: str | None) -> dict:
 
     jax.config.update("jax_compilation_cache_dir", None)
     candidates = candidates_for(jax.default_backend())
-    unknown = sorted(set(a.candidates or ()) - set(candidates))
-    if unknown:
-        raise SystemExit(f"unknown candidate(s) {unknown} on {jax.default_backend()}; choose from {list(candidates)}")
-    names = sorted(a.candidates or list(candidates), key=lambda n: n != "default")  # the reference first
+    names = candidate_names(a, jax.default_backend())
     c, recipe, d = chunk(a)
     setup = c.fns  # the states to run on, compiled apart: JAX would reuse that executable in memory
     fns = EnsembleFns(c.trainer, a.models, c.vmap_width, c.devices)
@@ -258,11 +264,7 @@ def main(argv=None) -> None:
     if a.isolate and a.dump is None:  # a child (it has --dump) never isolates again
         import jax
 
-        known = candidates_for(jax.default_backend())
-        unknown = sorted(set(a.candidates or ()) - set(known))
-        if unknown:
-            raise SystemExit(f"unknown candidate(s) {unknown} on {jax.default_backend()}; choose from {list(known)}")
-        names = sorted(a.candidates or list(known), key=lambda n: n != "default")
+        names = candidate_names(a, jax.default_backend())
         result = {"model": a.model, "models": a.models, "isolated": True, "backend": jax.default_backend(),
                   "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
         with tempfile.TemporaryDirectory(prefix="compile-options-dump-") as d:

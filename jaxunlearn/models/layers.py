@@ -89,14 +89,14 @@ def winograd_conv(x, kernel, stride: int, padding: int, min_channels: int = WINO
     transformed back. 16 multiplications per 2x2 outputs instead of 36, for transforms that move data:
     it pays where the channels are wide, so below ``min_channels`` input channels :func:`im2col_conv` is
     used (``benchmarks/conv_layer_probe.py``). A 5x5 or 6x6 stride-2 convolution becomes a 3x3 stride-1
-    one over the input's 2x2 blocks, 4·C channels (:func:`space_to_depth_conv`), then the same. Other
+    one over the input's 2x2 blocks, 4·C channels (:func:`space_to_depth`), then the same. Other
     kernels and strides use :func:`im2col_conv`. Same values as ``lax.conv`` to float32 rounding (tested;
     bfloat16: see :func:`_winograd_3x3`)."""
     k, c = kernel.shape[0], x.shape[-1]
     if k == 3 and stride == 1 and c >= min_channels:
         return _winograd_3x3(x, kernel, padding)
     if stride == 2 and k in (5, 6) and 4 * c >= min_channels:
-        return space_to_depth_conv(x, kernel, padding, _winograd_3x3)
+        return _winograd_3x3(*space_to_depth(x, kernel, padding), 0)
     return im2col_conv(x, kernel, stride, padding)
 
 
@@ -120,11 +120,11 @@ def _winograd_3x3(x, kernel, padding: int):
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1)[:, :ho, :wo].astype(x.dtype)
 
 
-def space_to_depth_conv(x, kernel, padding: int, conv3x3):
-    """A k x k stride-2 convolution (k = 5 or 6) as a 3x3 stride-1 one, unpadded, over the zero-padded
-    input's 2x2 blocks (4·C channels) with the kernel zero-padded to 6x6 and regrouped the same way:
-    output o reads padded rows 2o .. 2o+5, which are rows o .. o+2 of the blocks.
-    x: f32[B, H, W, C], kernel: f32[k, k, C, F]; ``conv3x3(x, kernel, padding)`` -> f32[B, Ho, Wo, F]."""
+def space_to_depth(x, kernel, padding: int):
+    """A k x k stride-2 convolution (k = 5 or 6) rewritten as a 3x3 stride-1 one, unpadded: the zero-padded
+    input's 2x2 blocks (4·C channels) and the kernel zero-padded to 6x6 and regrouped the same way (output o
+    reads padded rows 2o .. 2o+5, which are rows o .. o+2 of the blocks). x: f32[B, H, W, C], kernel:
+    f32[k, k, C, F] -> (f32[B, Ho + 2, Wo + 2, 4·C], f32[3, 3, 4·C, F])."""
     b, h, w, c = x.shape
     k, f = kernel.shape[0], kernel.shape[-1]
     ho, wo = (h + 2 * padding - k) // 2 + 1, (w + 2 * padding - k) // 2 + 1
@@ -132,8 +132,7 @@ def space_to_depth_conv(x, kernel, padding: int, conv3x3):
     x = jnp.pad(x, ((0, 0), (padding, max(0, rows - h - padding)), (padding, max(0, cols - w - padding)), (0, 0)))
     x = x[:, :rows, :cols].reshape(b, ho + 2, 2, wo + 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, ho + 2, wo + 2, 4 * c)
     kernel = jnp.pad(kernel, ((0, 6 - k), (0, 6 - k), (0, 0), (0, 0)))
-    kernel = kernel.reshape(3, 2, 3, 2, c, f).transpose(0, 2, 1, 3, 4, 5).reshape(3, 3, 4 * c, f)
-    return conv3x3(x, kernel, 0)
+    return x, kernel.reshape(3, 2, 3, 2, c, f).transpose(0, 2, 1, 3, 4, 5).reshape(3, 3, 4 * c, f)
 
 
 def xla_nchw_conv(x, kernel, stride: int, padding: int):

@@ -55,8 +55,7 @@ def _cpu_per_core(model: str, share: int) -> Strategy:
     (``benchmarks/RESULTS.md``, "One CPU device per core"): each device's programs now run on a core
     of their own, and a single model's XLA convolution (with the canonical-layout backward) fills it
     better than im2col for the small digits CNN; ResNet-9 runs one model at a time in :func:`_cpu_conv`'s
-    formulation; MLPs
-    vmap 4 at a time per device (0.050 s/epoch for 64 digits MLPs, 8: 0.056, 16: 0.059)."""
+    formulation; MLPs vmap 4 at a time per device (0.050 s/epoch for 64 digits MLPs, 8: 0.056, 16: 0.059)."""
     if model == "mlp":
         return Strategy("xla", min(share, 4))
     return Strategy("xla_canonical" if model == "cnn" else _cpu_conv(model), 1)
