@@ -1,11 +1,18 @@
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-# in-process CLI calls leave the user's compilation cache alone (tests of the cache give their own folders)
-os.environ.setdefault("JAXUNLEARN_CACHE_DIR", "off")
+# CLI calls (in-process and in subprocesses) share one compilation cache per test session, never the user's:
+# the runs of one configuration that many tests make (resume, workers, layouts) compile it once. Tests of the
+# cache itself give their own folders. The controller (or the only process) removes it at the end.
+# (pytest-xdist's workers inherit the controller's environment, so all of them get its folder.)
+_CACHE_OWNER = "JAXUNLEARN_CACHE_DIR" not in os.environ
+if _CACHE_OWNER:
+    os.environ["JAXUNLEARN_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxunlearn-tests-compile-cache-")
 # Tests compare layouts of the same computation (ensemble vs loop, vmap vs scan): on a GPU,
 # f32 matmuls and convs default to TF32, whose rounding would dominate those comparisons.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -34,6 +41,11 @@ def cifar_mini_dir():
 # takes the demo while the other works through the rest, and the short modules fill in at the end
 SLOWEST_FIRST = ["test_pipeline", "test_scale_out", "test_training", "test_run", "test_localization", "test_baselines",
                  "test_dkvb", "test_unrolling", "test_compile_cache", "test_models", "test_unlearning", "test_attribution"]
+
+
+def pytest_sessionfinish(session):
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAXUNLEARN_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

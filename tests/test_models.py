@@ -9,6 +9,15 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 
 
+def normal(seed: int, *shape):
+    """Test inputs from NumPy's generator: jax.random compiles a program for every new shape (about 0.5 s each)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def out_shape(x, w, stride, pad):
+    return jax.eval_shape(lambda x, w: xla_conv(x, w, stride, pad), x, w).shape
+
+
 SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # every shape for the formulations with their own index arithmetic (im2col, the custom backward);
 # two (a strided padded one and an unpadded one) for the plain re-wirings; one for winograd at 3 channels
@@ -25,10 +34,8 @@ def test_winograd_equals_xla_conv_where_it_is_used(k, stride, pad):
         return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
 
     for c, min_channels, size in ((3, 1, (8, 7)), (16, 64, (9, 9))):
-        kx, kk, kg = jax.random.split(jax.random.key(size[1] + c), 3)
-        x = jax.random.normal(kx, (2, *size, c))
-        w = jax.random.normal(kk, (k, k, c, 5)) / c ** 0.5
-        g = jax.random.normal(kg, xla_conv(x, w, stride, pad).shape)
+        x, w = normal(size[1] + c, 2, *size, c), normal(size[1] + c + 1, k, k, c, 5) / c ** 0.5
+        g = normal(size[1] + c + 2, *out_shape(x, w, stride, pad))
         conv = partial(CONV_FNS["winograd"], min_channels=min_channels)
         got = jax.jit(partial(values_and_grads, conv))(x, w, g)
         want = jax.jit(partial(values_and_grads, xla_conv))(x, w, g)
@@ -41,9 +48,8 @@ def test_winograd_equals_xla_conv_where_it_is_used(k, stride, pad):
 def test_winograd_in_bfloat16_keeps_the_dtype_and_stays_close(k, stride):
     """A bfloat16 model (the GPU recipes' dtype) through Winograd: bfloat16 out, values and input gradient
     within a few bfloat16 roundings of the float32 convolution (measured about 0.5 %; bfloat16's step is 0.8 %)."""
-    kx, kk, kg = jax.random.split(jax.random.key(7), 3)
-    x, w = jax.random.normal(kx, (2, 8, 8, 16)), jax.random.normal(kk, (k, k, 16, 8)) / 12
-    g = jax.random.normal(kg, xla_conv(x, w, stride, 1).shape)
+    x, w = normal(7, 2, 8, 8, 16), normal(8, k, k, 16, 8) / 12
+    g = normal(9, *out_shape(x, w, stride, 1))
     conv = partial(CONV_FNS["winograd"], min_channels=1)
 
     def value_and_dx(conv, x, w):
@@ -76,20 +82,17 @@ def test_every_conv_formulation_is_checked():
 
 @pytest.mark.parametrize("impl,k,stride,pad", CASES)
 def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
-    conv = CONV_FNS[impl]
+    def values_and_grads(conv, x, w, g):  # both gradients (kernel and input) against a random cotangent
+        return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
+
     # 9x9: every stride divides the span; 8x7: a remainder row / column the stride skips
     for size in ((9, 9), (8, 7)):
-        kx, kk, kg = jax.random.split(jax.random.key(size[1]), 3)
-        x = jax.random.normal(kx, (2, *size, 3))
-        w = jax.random.normal(kk, (k, k, 3, 5))
-        a = conv(x, w, stride, pad)
-        b = xla_conv(x, w, stride, pad)
+        x, w = normal(size[1], 2, *size, 3), normal(size[1] + 1, k, k, 3, 5)
+        g = normal(size[1] + 2, *out_shape(x, w, stride, pad))
+        a, ga = jax.jit(partial(values_and_grads, CONV_FNS[impl]))(x, w, g)
+        b, gb = jax.jit(partial(values_and_grads, xla_conv))(x, w, g)
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-        # both gradients (kernel and input) against a random cotangent
-        g = jax.random.normal(kg, b.shape)
-        ga = jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
-        gb = jax.grad(lambda x, w: (xla_conv(x, w, stride, pad) * g).sum(), argnums=(0, 1))(x, w)
         for u, v in zip(ga, gb):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
@@ -98,12 +101,10 @@ def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
 def test_conv_gradients_under_vmap_over_models(impl, k, stride):
     """The ensemble vmaps a formulation over models (kernels and inputs both batched): the custom
     backward, and Winograd's sixteen matmuls (batched over models and tile positions)."""
-    kx, kk = jax.random.split(jax.random.key(4))
-    x = jax.random.normal(kx, (3, 2, 8, 7, 3))
-    w = jax.random.normal(kk, (3, k, k, 3, 4))
+    x, w = normal(4, 3, 2, 8, 7, 3), normal(5, 3, k, k, 3, 4)
 
     def grads(conv):
-        return jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1)))(x, w)
+        return jax.jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1))))(x, w)
 
     conv = partial(CONV_FNS["winograd"], min_channels=1) if impl == "winograd" else CONV_FNS[impl]
     for u, v in zip(grads(conv), grads(xla_conv)):
@@ -114,9 +115,9 @@ def test_conv_gradients_under_vmap_over_models(impl, k, stride):
 def test_max_pool_2x2_equals_flax_max_pool(shape):
     import flax.linen as nn
 
-    x = jax.random.normal(jax.random.key(1), shape)  # continuous values: no ties within a window
+    x = normal(1, *shape)  # continuous values: no ties within a window
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
-    g = jax.random.normal(jax.random.key(2), max_pool_2x2(x).shape)
+    g = normal(2, *jax.eval_shape(max_pool_2x2, x).shape)
     ours = jax.grad(lambda x: (max_pool_2x2(x) * g).sum())(x)
     flax_ = jax.grad(lambda x: (nn.max_pool(x, (2, 2), (2, 2)) * g).sum())(x)
     np.testing.assert_array_equal(ours, flax_)
