@@ -77,8 +77,8 @@ def _winograd_out(m) -> list:
 
 
 # below this many input channels (4·C after space-to-depth) Winograd's transforms cost more than the
-# multiplications they save: measured per ResNet-9 layer on a 2-core CPU (conv_layer_probe.py: 32 a tie or a
-# loss, 64 a tie or a gain, 128 and up 22-31 % faster; the 3-channel first layer 3.5x slower)
+# multiplications they save: measured per ResNet-9 layer on a 2-core CPU (conv_layer_probe.py: 32 from 10 % faster
+# to 41 % slower, 64 a tie or a gain, 128 and up 13-29 % faster; the 3-channel first layer 3.3x slower)
 WINOGRAD_MIN_CHANNELS = 64
 
 
