@@ -18,6 +18,20 @@ def out_shape(x, w, stride, pad):
     return jax.eval_shape(lambda x, w: xla_conv(x, w, stride, pad), x, w).shape
 
 
+def assert_equals_xla_conv(conv, x, w, stride, pad, seed):
+    """conv's values and both gradients (input and kernel, against a random cotangent) equal lax.conv's."""
+    g = normal(seed, *out_shape(x, w, stride, pad))
+
+    def values_and_grads(conv, x, w):
+        return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
+
+    (a, ga), (b, gb) = (jax.jit(partial(values_and_grads, c))(x, w) for c in (conv, xla_conv))
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for u, v in zip(ga, gb):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+
+
 SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # every shape for the formulations with their own index arithmetic (im2col, the custom backward);
 # two (a strided padded one and an unpadded one) for the plain re-wirings; one for winograd at 3 channels
@@ -30,18 +44,10 @@ CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHA
 def test_winograd_equals_xla_conv_where_it_is_used(k, stride, pad):
     """Winograd's own arithmetic, values and both gradients: every channel count let through (an odd size),
     and the default threshold (16 channels, an even size: im2col for 3x3, Winograd over 4·16 for 5x5 stride 2)."""
-    def values_and_grads(conv, x, w, g):
-        return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
-
     for c, min_channels, size in ((3, 1, (8, 7)), (16, 64, (9, 9))):
         x, w = normal(size[1] + c, 2, *size, c), normal(size[1] + c + 1, k, k, c, 5) / c ** 0.5
-        g = normal(size[1] + c + 2, *out_shape(x, w, stride, pad))
-        conv = partial(CONV_FNS["winograd"], min_channels=min_channels)
-        got = jax.jit(partial(values_and_grads, conv))(x, w, g)
-        want = jax.jit(partial(values_and_grads, xla_conv))(x, w, g)
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
-        for u, v in zip(got[1], want[1]):
-            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+        assert_equals_xla_conv(partial(CONV_FNS["winograd"], min_channels=min_channels), x, w, stride, pad,
+                               seed=size[1] + c + 2)
 
 
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
@@ -82,19 +88,10 @@ def test_every_conv_formulation_is_checked():
 
 @pytest.mark.parametrize("impl,k,stride,pad", CASES)
 def test_every_conv_formulation_equals_xla_conv(impl, k, stride, pad):
-    def values_and_grads(conv, x, w, g):  # both gradients (kernel and input) against a random cotangent
-        return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
-
     # 9x9: every stride divides the span; 8x7: a remainder row / column the stride skips
     for size in ((9, 9), (8, 7)):
         x, w = normal(size[1], 2, *size, 3), normal(size[1] + 1, k, k, 3, 5)
-        g = normal(size[1] + 2, *out_shape(x, w, stride, pad))
-        a, ga = jax.jit(partial(values_and_grads, CONV_FNS[impl]))(x, w, g)
-        b, gb = jax.jit(partial(values_and_grads, xla_conv))(x, w, g)
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-        for u, v in zip(ga, gb):
-            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
+        assert_equals_xla_conv(CONV_FNS[impl], x, w, stride, pad, seed=size[1] + 2)
 
 
 @pytest.mark.parametrize("impl,k,stride", [("xla_canonical", 3, 2), ("winograd", 3, 1), ("winograd", 5, 2)])

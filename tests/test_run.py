@@ -416,7 +416,9 @@ def test_short_last_chunk_is_padded_into_the_same_program(reference_run, tmp_pat
     assert json.load(open(os.path.join(out, "chunks", "00002", "meta.json")))["models"] == [4]
     summary = json.load(open(os.path.join(out, "summary.json")))
     # programs this call needed beyond those already in memory: never one for the short chunk's shape
+    # (compiled or read from the suite's cache folder, which the CLI took from JAXUNLEARN_CACHE_DIR)
     assert summary["compile"]["programs"] <= 5, summary["compile"]
+    assert summary["compile"]["cache_dir"] == os.environ["JAXUNLEARN_CACHE_DIR"], summary["compile"]
 
 
 def test_recipe_follows_the_model_and_is_named():
