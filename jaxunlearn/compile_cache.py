@@ -105,6 +105,19 @@ class CompileCounter:
         return d
 
 
+def compile_summary(counter: CompileCounter, name_counts: bool = False) -> dict:
+    """What this process compiled since ``counter`` started, and the cache folder (None: off): a run's
+    record of its start-up. ``name_counts``: the programs' names as {name: how many} (for jobs that
+    build hundreds) instead of a list in order."""
+    snap = counter.snapshot()
+    if name_counts:
+        names: dict = {}
+        for n in snap["names"]:
+            names[n] = names.get(n, 0) + 1
+        snap["names"] = dict(sorted(names.items(), key=lambda kv: -kv[1]))
+    return {**snap, "cache_dir": jax.config.jax_compilation_cache_dir}
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxunlearn", "jax")

@@ -1,12 +1,29 @@
-"""Small helpers shared across the library: index validation and atomic file writes."""
+"""Small helpers shared across the library: input validation and atomic file writes."""
 from __future__ import annotations
 
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
+
+
+@jax.jit
+def _device_all_finite(arrays):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
+def all_finite(*arrays) -> bool:
+    """Whether every value of every array is finite (no NaN or inf). NumPy arrays are checked on the
+    host; device arrays where they are, in one compiled program (not one per primitive and shape)."""
+    host = [a for a in arrays if not isinstance(a, jax.Array)]
+    device = [a for a in arrays if isinstance(a, jax.Array)]
+    if not all(np.isfinite(np.asarray(a)).all() for a in host):
+        return False
+    return not device or bool(_device_all_finite(device))
 
 
 def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:

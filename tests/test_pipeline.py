@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxunlearn.cli import main
+from jaxunlearn.compile_cache import resolve_cache_dir
 from jaxunlearn.metrics import mia
 from jaxunlearn.unlearning import ALL_METHODS
 
@@ -40,6 +41,10 @@ def test_demo_writes_the_documented_results(demo):
             assert 0 <= r["compute_fraction"] < 1
         assert rows["none"]["compute_fraction"] == 0 and rows["dmm"]["compute_fraction"] > 0
         assert rows["dmm"]["estimator"] == rows["dm-direct"]["estimator"] == "influence"
+    # the job's start-up record: the suite's cache folder is warm or cold, but the counts add up
+    c = res["compile"]
+    assert c["cache_dir"] == resolve_cache_dir()
+    assert c["programs"] == c["compiled"] + c["cache_hits"] == sum(c["names"].values()) > 0
     png = os.path.join(out, "pareto.png")
     assert os.path.getsize(png) > 10_000 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

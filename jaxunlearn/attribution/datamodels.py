@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import check_indices
+from jaxunlearn.utils import all_finite, check_indices
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -38,7 +38,7 @@ def _check_models(m_masks: int, m_outputs: int, what: str) -> None:
 
 
 def _check_finite(outputs, what: str) -> None:
-    if not bool(jnp.all(jnp.isfinite(outputs))):
+    if not all_finite(outputs):
         raise JaxUnlearnError(f"{what}: outputs contain NaN or inf")
 
 
@@ -90,11 +90,33 @@ def _ridge_val_errors(p, s, q, xv, yv, lams):
     return lax.map(lambda lam: jnp.mean((jnp.dot(r, q / (s + lam)[:, None], precision=HIGHEST) - yv) ** 2, 0), lams)
 
 
+@jax.jit
+def _lambda_scale(x):
+    return jnp.sum(x.var(0)) * x.shape[0] / min(x.shape)
+
+
 def default_lambdas(masks, num: int = 13):
     """A log grid around the mean eigenvalue of the centred mask Gram matrix."""
-    x = jnp.asarray(masks, jnp.float32)
-    scale = float(jnp.sum(x.var(0)) * x.shape[0] / min(x.shape))
+    scale = float(_lambda_scale(jnp.asarray(masks, jnp.float32)))
     return jnp.asarray(scale * np.logspace(-4, 2, num), jnp.float32)
+
+
+@jax.jit
+def _heldout_factors(x, fit, val):
+    """The factorisation of the fitting models x[fit] (centred on their mean) and the held-out
+    models x[val] centred the same way: P, s, G as in :func:`_factor`, and xv f32[Mv, n]."""
+    xm = x[fit].mean(0)
+    p, s, g = _factor(x[fit] - xm)
+    return p, s, g, x[val] - xm
+
+
+@jax.jit
+def _select_lambda(factors, y, fit, val, lams):
+    """Per target, the λ of ``lams`` with the least held-out squared error: f32[T]."""
+    p, s, g, xv = factors
+    ym = y[fit].mean(0)
+    q = jnp.dot(g, y[fit] - ym, precision=HIGHEST)
+    return lams[jnp.argmin(_ridge_val_errors(p, s, q, xv, y[val] - ym, lams), axis=0)]
 
 
 def _lambda_selector(x, lams, val_fraction: float, seed: int):
@@ -108,17 +130,18 @@ def _lambda_selector(x, lams, val_fraction: float, seed: int):
     if m - nv < 2:
         raise JaxUnlearnError(f"datamodels: {m} models are too few to hold out {nv} for choosing λ")
     perm = np.random.default_rng(seed).permutation(m)
-    fit, val = perm[nv:], perm[:nv]
-    xm = x[fit].mean(0)
-    p, s, g = _factor(x[fit] - xm)
-    xv = x[val] - xm
+    fit, val = jnp.asarray(perm[nv:]), jnp.asarray(perm[:nv])
+    factors = _heldout_factors(x, fit, val)
+    return lambda y: _select_lambda(factors, y, fit, val, lams)
 
-    def select(y):
-        ym = y[fit].mean(0)
-        q = jnp.dot(g, y[fit] - ym, precision=HIGHEST)
-        return lams[jnp.argmin(_ridge_val_errors(p, s, q, xv, y[val] - ym, lams), axis=0)]
 
-    return select
+@jax.jit
+def _ridge_fit(x, y, lam):
+    """Ridge weights f32[T, n] and biases f32[T] of all M models at λ f32[T]."""
+    xc, yc, xm, ym = _center(x, y)
+    p, s, q = _spectral_factors(xc, yc)
+    w = _ridge_weights(p, s, q, lam)
+    return w, ym - jnp.dot(w, xm, precision=HIGHEST)
 
 
 def fit_ridge(masks, outputs, lambdas=None, val_fraction: float = 0.1, seed: int = 0) -> Datamodels:
@@ -129,10 +152,7 @@ def fit_ridge(masks, outputs, lambdas=None, val_fraction: float = 0.1, seed: int
     x, y = check_fit_inputs(masks, outputs)
     lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
     lam = _lambda_selector(x, lams, val_fraction, seed)(y)
-    xc, yc, xm, ym = _center(x, y)
-    p, s, q = _spectral_factors(xc, yc)
-    w = _ridge_weights(p, s, q, lam)
-    return Datamodels(w, ym - jnp.dot(w, xm, precision=HIGHEST), lam)
+    return Datamodels(*_ridge_fit(x, y, lam), lam)
 
 
 def ridge_forget_effects(masks, outputs, forget_sets, lambdas=None, val_fraction: float = 0.1, seed: int = 0,
@@ -152,8 +172,7 @@ def ridge_forget_effects(masks, outputs, forget_sets, lambdas=None, val_fraction
         ind[k, check_indices(f, n)] = 1.0
     lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
     select = _lambda_selector(x, lams, val_fraction, seed)
-    p_all, s_all, g_all = _factor(x - x.mean(0))
-    a = jnp.dot(jnp.asarray(ind), p_all, precision=HIGHEST)  # [S, r]: Σ_{i∈F} P[i, :]
+    a, s_all, g_all = _summed_factors(x, jnp.asarray(ind))
     t_total = int(np.shape(outputs)[1])
     effects = np.zeros((len(forget_sets), t_total), np.float32)
     lam_out = np.zeros(t_total, np.float32)
@@ -161,14 +180,23 @@ def ridge_forget_effects(masks, outputs, forget_sets, lambdas=None, val_fraction
         y = jnp.asarray(np.asarray(outputs[:, start:start + chunk]), jnp.float32)
         _check_finite(y, "datamodels")
         lam = select(y)
-        q_all = jnp.dot(g_all, y - y.mean(0), precision=HIGHEST)
-        effects[:, start:start + chunk] = np.asarray(_effects(a, s_all, q_all, lam))
+        effects[:, start:start + chunk] = np.asarray(_effects(a, s_all, g_all, y, lam))
         lam_out[start:start + chunk] = np.asarray(lam)
     return effects, lam_out
 
 
 @jax.jit
-def _effects(a, s, q, lam):
+def _summed_factors(x, ind):
+    """The factorisation of all M models with P's rows summed over each forget set: A f32[S, r]
+    (A = ind P, ind f32[S, n] the sets' indicators), s f32[r], G f32[r, M]."""
+    p, s, g = _factor(x - x.mean(0))
+    return jnp.dot(ind, p, precision=HIGHEST), s, g
+
+
+@jax.jit
+def _effects(a, s, g, y, lam):
+    """Σ_{i∈F} w_{t,i} = A diag(1/(s+λ_t)) G (y − ȳ), for each set and target: f32[S, T]."""
+    q = jnp.dot(g, y - y.mean(0), precision=HIGHEST)
     return jnp.dot(a, q / (s[:, None] + lam[None, :]), precision=HIGHEST)
 
 
@@ -195,43 +223,58 @@ def _fista(xc, yc, lam, w0, step, iters):
     return w
 
 
+@jax.jit
+def _lipschitz(xc):
+    """Largest eigenvalue of XcᵀXc / M (30 power iterations): the Lipschitz constant of the lasso
+    loss's gradient."""
+    def body(_, v):
+        v = jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)
+        return v / jnp.linalg.norm(v)
+
+    v = lax.fori_loop(0, 30, body, jnp.ones((xc.shape[1],), xc.dtype) / np.sqrt(xc.shape[1]))
+    return jnp.dot(v, jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)) / xc.shape[0]
+
+
+@jax.jit
+def _lasso_path(x, y, ratios, iters):
+    """The lasso of every target along λ_t = ratio · λmax_t for each of ``ratios`` f32[L] (largest
+    first), each fit warm-started from the one before: weights f32[L, T, n], biases f32[L, T],
+    λ f32[L, T]."""
+    xc, yc, xm, ym = _center(x, y)
+    lmax = jnp.max(jnp.abs(jnp.dot(xc.T, yc, precision=HIGHEST)), axis=0) / xc.shape[0]  # [T]
+    step = 1.0 / _lipschitz(xc)
+
+    def fit(w, ratio):
+        w = _fista(xc, yc, lmax * ratio, w, step, iters)
+        return w, (w, ym - jnp.dot(w, xm, precision=HIGHEST), lmax * ratio)
+
+    return lax.scan(fit, jnp.zeros((y.shape[1], x.shape[1]), x.dtype), ratios)[1]
+
+
+@jax.jit
+def _fit_lasso(x, y, fit, val, ratios, iters):
+    """The λ path fitted on models ``fit``, each target's λ picked by squared error on models ``val``,
+    then the path re-run on all models: weights f32[T, n], biases f32[T], λ f32[T] at that pick."""
+    ws, bs, _ = _lasso_path(x[fit], y[fit], ratios, iters)
+    pred = jnp.einsum("vn,ltn->lvt", x[val], ws, precision=HIGHEST) + bs[:, None, :]
+    best = jnp.argmin(jnp.mean((pred - y[val]) ** 2, axis=1), axis=0)  # [T]
+    ws, bs, ls = _lasso_path(x, y, ratios, iters)
+    t = jnp.arange(y.shape[1])
+    return ws[best, t], bs[best, t], ls[best, t]
+
+
 def fit_lasso(masks, outputs, num_lambdas: int = 8, iters: int = 200, val_fraction: float = 0.1,
               seed: int = 0) -> Datamodels:
     """Lasso along a decreasing λ path (warm starts, FISTA for all targets together); λ per target
-    chosen on held-out models; the path is then re-run on all models up to each target's λ."""
+    chosen on held-out models; the path is then re-run on all models up to each target's λ.
+    One compiled program for the whole fit (it holds the path's weights, f32[num_lambdas, T, n])."""
     x, y = check_fit_inputs(masks, outputs)
     m = x.shape[0]
     nv = max(1, int(round(val_fraction * m)))
     perm = np.random.default_rng(seed).permutation(m)
-    fit, val = perm[nv:], perm[:nv]
-
-    def path(xf, yf):
-        xc, yc, xm, ym = _center(xf, yf)
-        lmax = jnp.max(jnp.abs(jnp.dot(xc.T, yc, precision=HIGHEST)), axis=0) / xc.shape[0]  # [T]
-        # Lipschitz constant of the gradient: largest eigenvalue of XcᵀXc / M (power iteration)
-        v = jnp.ones((xc.shape[1],)) / np.sqrt(xc.shape[1])
-        for _ in range(30):
-            v = jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)
-            v = v / jnp.linalg.norm(v)
-        lip = jnp.dot(v, jnp.dot(xc.T, jnp.dot(xc, v, precision=HIGHEST), precision=HIGHEST)) / xc.shape[0]
-        ratios = np.logspace(-0.3, -3, num_lambdas)
-        w = jnp.zeros((yc.shape[1], xc.shape[1]))
-        out = []
-        for r in ratios:
-            w = _fista(xc, yc, lmax * r, w, 1.0 / lip, iters)
-            out.append((w, ym - jnp.dot(w, xm, precision=HIGHEST), lmax * r))
-        return out
-
-    errs = []
-    for w, b, _ in path(x[fit], y[fit]):
-        errs.append(jnp.mean((jnp.dot(x[val], w.T, precision=HIGHEST) + b - y[val]) ** 2, axis=0))
-    best = jnp.argmin(jnp.stack(errs), axis=0)  # [T]
-    full = path(x, y)
-    ws = jnp.stack([f[0] for f in full])  # [L, T, n]
-    bs = jnp.stack([f[1] for f in full])
-    ls = jnp.stack([f[2] for f in full])
-    t = jnp.arange(y.shape[1])
-    return Datamodels(ws[best, t], bs[best, t], ls[best, t])
+    ratios = jnp.asarray(np.logspace(-0.3, -3, num_lambdas), jnp.float32)
+    return Datamodels(*_fit_lasso(x, y, jnp.asarray(perm[nv:]), jnp.asarray(perm[:nv]), ratios,
+                                  jnp.int32(iters)))
 
 
 def lasso_forget_effect(masks, outputs, forget_idx, iters: int = 200, seed: int = 0, chunk: int = 2048,
@@ -268,9 +311,14 @@ def spearman(a, b):
     return (ra * rb).sum(0) / jnp.sqrt((ra * ra).sum(0) * (rb * rb).sum(0) + 1e-12)
 
 
+@jax.jit
+def _lds(weights, bias, x, y):
+    return jnp.nanmean(spearman(jnp.dot(x, weights.T, precision=HIGHEST) + bias, y))
+
+
 def lds(dm: Datamodels, masks, outputs):
     """Linear datamodeling score: mean over targets of the Spearman correlation, across held-out
     models, between predicted and actual outputs. masks: [M, n], outputs: f32[M, T] -> float."""
     x, y = check_fit_inputs(masks, outputs, "LDS")
     chex.assert_equal(x.shape[1], dm.weights.shape[1])
-    return float(jnp.nanmean(spearman(dm.predict(x), y)))
+    return float(_lds(dm.weights, dm.bias, x, y))

@@ -26,16 +26,19 @@ from jax import lax
 
 from jaxunlearn.attribution.datamodels import HIGHEST, Datamodels, check_fit_inputs, spearman
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import check_indices
+from jaxunlearn.utils import all_finite, check_indices
 
 # held-out LDS chooses among these multiples of each estimate's standard error (0 = raw estimates)
 DEFAULT_THRESHOLDS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
+_column_sums = jax.jit(lambda x: x.sum(0))
+
+
 def _counts(x, what: str):
     """c_in, c_out f32[n]; every point must be both in and out of some model."""
     m = x.shape[0]
-    c_in = x.sum(0)
+    c_in = _column_sums(x)
     bad = np.flatnonzero((np.asarray(c_in) < 1) | (np.asarray(c_in) > m - 1))
     if bad.size:
         raise JaxUnlearnError(f"{what}: training point {int(bad[0])} is in {int(c_in[bad[0]])} of {m} models "
@@ -104,27 +107,46 @@ def influence_forget_effects(masks, outputs, forget_sets, threshold: float = 0.0
     _check_threshold(threshold)
     fsets = [check_indices(f, n, "forget set") for f in forget_sets]
     d, s = _design(x)
-    a = jnp.stack([d[:, f].sum(1) for f in fsets])  # [S, M]: the raw sums are a weighting of the models
+    sets = [jnp.asarray(f) for f in fsets]
+    a = jnp.stack([_summed_columns(d, f) for f in sets])  # [S, M]: the raw sums are a weighting of the models
     t_total = int(np.shape(outputs)[1])
     out = np.zeros((len(fsets), t_total), np.float32)
     for start in range(0, t_total, chunk):
         y = jnp.asarray(np.asarray(outputs[:, start:start + chunk]), jnp.float32)
-        if not bool(jnp.all(jnp.isfinite(y))):
+        if not all_finite(y):
             raise JaxUnlearnError("influence: outputs contain NaN or inf")
-        yc = y - y.mean(0)
         if threshold == 0:
-            block = jnp.dot(a, yc, precision=HIGHEST)
+            block = _raw_effects(a, y)
         else:
-            sigma = yc.std(0)
-            block = jnp.stack([_influence_block(d[:, f], yc, s[f], sigma, jnp.float32(threshold)).sum(0)
-                               for f in fsets])
+            block = jnp.stack([_denoised_effect(d, y, s, f, jnp.float32(threshold)) for f in sets])
         out[:, start:start + chunk] = np.asarray(block)
     return out
 
 
 @jax.jit
-def _lds_per_threshold(d, x_val, yc, y_val, s, thresholds):
-    """Spearman(pred, actual) on held-out models for each threshold: f32[L, T]."""
+def _summed_columns(d, f):
+    """Σ_{i∈F} D[:, i]: f32[M]."""
+    return d[:, f].sum(1)
+
+
+@jax.jit
+def _raw_effects(a, y):
+    """(Σ_{i∈F} D[:, i])ᵀ (y − ȳ) for each set: f32[S, T]."""
+    return jnp.dot(a, y - y.mean(0), precision=HIGHEST)
+
+
+@jax.jit
+def _denoised_effect(d, y, s, f, threshold):
+    """Σ_{i∈F} of the denoised influence of the points F on every target: f32[T]."""
+    yc = y - y.mean(0)
+    return _influence_block(d[:, f], yc, s[f], yc.std(0), threshold).sum(0)
+
+
+@jax.jit
+def _lds_per_threshold(d, x_val, y, y_val, s, thresholds):
+    """Spearman(pred, actual) on held-out models for each threshold: f32[L, T]. x_val: held-out masks
+    centred on the fitting models' mean; y: the fitting models' outputs f32[M, T]."""
+    yc = y - y.mean(0)
     w_raw = jnp.dot(d.T, yc, precision=HIGHEST)  # [n, T]
     sigma = yc.std(0)
 
@@ -148,10 +170,15 @@ def influence_lds(masks_fit, outputs_fit, masks_val, outputs_val, thresholds=DEF
     d, s = _design(x)
     taus = jnp.asarray(thresholds, jnp.float32)
     # predictions are centred on the fit means; Spearman is shift-invariant per target
-    xv_c = xv - x.mean(0)
-    parts = [_lds_per_threshold(d, xv_c, y[:, i:i + chunk] - y[:, i:i + chunk].mean(0), yv[:, i:i + chunk], s, taus)
+    xv_c = _centred_on(xv, x)
+    parts = [np.asarray(_lds_per_threshold(d, xv_c, y[:, i:i + chunk], yv[:, i:i + chunk], s, taus))
              for i in range(0, y.shape[1], chunk)]
-    return np.asarray(jnp.nanmean(jnp.concatenate(parts, axis=1), axis=1))
+    return np.nanmean(np.concatenate(parts, axis=1), axis=1).astype(np.float32)
+
+
+@jax.jit
+def _centred_on(a, b):
+    return a - b.mean(0)
 
 
 def select_influence_threshold(masks, outputs, thresholds=DEFAULT_THRESHOLDS, val_fraction: float = 0.2,

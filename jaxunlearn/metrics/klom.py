@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import all_finite
 
 
 @jax.jit
@@ -110,7 +111,7 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
     chex.assert_rank([o, u], 2)
     if o.shape[1] != u.shape[1]:
         raise JaxUnlearnError(f"KLoM: oracle margins cover {o.shape[1]} points, unlearned {u.shape[1]}")
-    if not (bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(u)))):
+    if not all_finite(o, u):
         raise JaxUnlearnError("KLoM: margins contain NaN or inf")
     if direction not in DIRECTIONS:
         raise JaxUnlearnError(f"KLoM: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")

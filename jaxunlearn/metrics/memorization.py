@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import all_finite
 
 ACCURACY_GROUPS = ("forget", "retain", "test")
 
@@ -36,7 +37,7 @@ def memorization(masks, outputs, labels=None):
         raise JaxUnlearnError(f"outputs must be correctness/margins [M, n] or logits [M, n, C], got {tuple(out.shape)}")
     if correct.shape != masks.shape:
         raise JaxUnlearnError(f"outputs cover {tuple(correct.shape)} (models, points); masks {tuple(masks.shape)}")
-    if not bool(jnp.all(jnp.isfinite(jnp.asarray(outputs, jnp.float32)))):
+    if not all_finite(out):
         raise JaxUnlearnError("memorization: the outputs contain NaN or inf")
     m = masks.astype(jnp.float32)
     c = correct.astype(jnp.float32)

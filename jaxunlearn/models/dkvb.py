@@ -27,6 +27,7 @@ from flax import struct
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import all_finite
 from jaxunlearn.training.subsets import subset_batches
 
 
@@ -91,7 +92,7 @@ def check_features(head: DKVBHead, features, what: str = "features") -> None:
         raise JaxUnlearnError(f"{what} is empty")
     if shape[1] != head.feature_dim:
         raise JaxUnlearnError(f"{what} have width {shape[1]}, but the DKVB head projects from {head.feature_dim}")
-    if not bool(jnp.all(jnp.isfinite(features))):
+    if not all_finite(features):
         raise JaxUnlearnError(f"{what} contain NaN or inf")
 
 

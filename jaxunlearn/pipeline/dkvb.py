@@ -35,7 +35,7 @@ from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.models.dkvb import DKVBConfig, DKVBHead, dkvb_logits, head_flops, train_heads
 from jaxunlearn.pipeline.config import read_json_config, set_fields
 from jaxunlearn.unlearning.dkvb import check_sweep, sweep_heads
-from jaxunlearn.utils import save_figure_atomic, save_npz_atomic, write_json_atomic
+from jaxunlearn.utils import all_finite, save_figure_atomic, save_npz_atomic, write_json_atomic
 
 FORMAT = 1
 _HEAD_FIELDS = ("num_codebooks", "pairs", "dim_key", "decay", "init_epochs", "threshold_factor", "lr",
@@ -312,7 +312,7 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
         feats = _cached(os.path.join(out, "features.npz"),
                         lambda: {"features": np.asarray(features(dataset.all_images), np.float32)}, log)["features"]
         backbone = {"model": "user-supplied", "forward_flops_per_example": None, "feature_dim": int(feats.shape[1])}
-    if feats.ndim != 2 or feats.shape[0] != dataset.n_train + dataset.n_test or not bool(jnp.all(jnp.isfinite(feats))):
+    if feats.ndim != 2 or feats.shape[0] != dataset.n_train + dataset.n_test or not all_finite(feats):
         raise JaxUnlearnError(f"features must be finite f32[{dataset.n_train + dataset.n_test}, D], got {feats.shape}")
     n, V = dataset.n_train, dataset.num_classes
     labels_all = np.asarray(dataset.all_labels)

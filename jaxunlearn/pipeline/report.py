@@ -126,7 +126,7 @@ def merge_results(out: str) -> dict:
         with open(path) as f:
             res = json.load(f)
         if merged is None:
-            merged = {k: v for k, v in res.items() if k not in ("results", "sweep", "wall_seconds")}
+            merged = {k: v for k, v in res.items() if k not in ("results", "sweep", "wall_seconds", "compile")}
             merged["results"], merged["sources"] = [], []
         elif res["forget_sets"] != {s: merged["forget_sets"][s] for s in res["forget_sets"]
                                     if s in merged["forget_sets"]} or res["lds"] != merged["lds"]:

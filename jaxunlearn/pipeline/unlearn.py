@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.attribution import fit_lasso, fit_ridge, forget_set_effects, influence_lds, lds
+from jaxunlearn.compile_cache import CompileCounter, compile_summary
 from jaxunlearn.data import load_dataset
 from jaxunlearn.data.forget_sets import NEEDS_MODELS, make_forget_set, parse_forget_spec
 from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
@@ -220,6 +221,7 @@ class Experiment(NamedTuple):
     vmap_width: int  # the measured ensemble layout (training.strategy) for k2 models: unlearning and evaluation
     logits_of: Any  # (params, batch_stats, images) -> f32[k2, P, C]: EnsembleFns' logits, training's layout
     t0: float
+    compiles: CompileCounter  # counts this job's compiles from the start of prepare
 
     @property
     def k2(self) -> int:
@@ -320,7 +322,7 @@ def fit_attribution(cfg: PipelineConfig, dm_dir: str, forget: dict, out: str) ->
 
 def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> Experiment:
     """Steps 1-5, each resumed from its files: data, ensembles, forget sets, oracles, attribution."""
-    t0 = time.time()
+    t0, compiles = time.time(), CompileCounter()
     data = prepare_data(cfg)
     dm_dir, full_dir = train_base_ensembles(cfg, data, out, progress)
     full = load_run(full_dir)
@@ -345,7 +347,8 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
         data=UnlearnData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), trainer.apply_images,
                          init=lambda key: tuple(trainer.init(key)[:2]), memorization=jnp.asarray(mem)),
         keys=jax.random.split(jax.random.key(cfg.seed + 1), k2),
-        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width, devs).logits, t0=t0)
+        vmap_width=vmap_width, logits_of=EnsembleFns(trainer, k2, vmap_width, devs).logits, t0=t0,
+        compiles=compiles)
 
 
 def noise_floor(exp: Experiment, spec: str) -> dict:
@@ -484,7 +487,8 @@ def run_pipeline(cfg: PipelineConfig, out: str, progress: bool = True, log=print
 
     exp = prepare(cfg, out, progress, log)
     rows = [row for spec in exp.forget for method in cfg.methods for row in run_method(exp, spec, method)]
-    res = {**header(exp), "results": rows, "wall_seconds": time.time() - exp.t0}
+    res = {**header(exp), "results": rows, "wall_seconds": time.time() - exp.t0,
+           "compile": compile_summary(exp.compiles, name_counts=True)}
     return write_results(out, "results.json", "pareto.png", res, log, table)
 
 
@@ -533,6 +537,7 @@ def sweep_experiment(exp: Experiment, out: str, method: str, configs: list, prog
     finally:
         bar.close()
     res = {**header(exp), "sweep": {"method": method, "configs": [config_dict(c) for c in configs]},
-           "results": rows, "wall_seconds": time.time() - exp.t0}
+           "results": rows, "wall_seconds": time.time() - exp.t0,
+           "compile": compile_summary(exp.compiles, name_counts=True)}
     name = "sweep-" + safe_name(method)
     return write_results(out, name + ".json", name + ".png", res, log, sweep_table)

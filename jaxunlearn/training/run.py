@@ -36,7 +36,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.compile_cache import CompileCounter, remembered
+from jaxunlearn.compile_cache import CompileCounter, compile_summary, remembered
 from jaxunlearn.data.datasets import Dataset
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training.ensemble import EnsembleFns, margins_and_correct, train_ensemble
@@ -520,7 +520,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
             with open(os.path.join(out, "summary.json")) as f:
                 done = json.load(f)
             return {**done, "models_trained_now": 0, "wall_seconds": wall, "models_per_hour": None,
-                    "compile": _compile_summary(counter)}
+                    "compile": compile_summary(counter)}
         except (OSError, ValueError):  # no summary: assembled again below
             pass
     # a lone process just verified every chunk; a worker checks the others' too
@@ -539,11 +539,6 @@ def _chunk_outputs(folder: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
             return z["logits"], z["margins"], z["correct"]
         logits = z["logits"]
     return (logits, *(np.asarray(a) for a in _outputs_of_logits(logits, labels)))
-
-
-def _compile_summary(counter: CompileCounter) -> dict:
-    """summary.json's ``compile``: what this process compiled since ``counter`` started, and the cache."""
-    return {**counter.snapshot(), "cache_dir": jax.config.jax_compilation_cache_dir}
 
 
 def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"), models_trained: int = 0,
@@ -571,7 +566,7 @@ def assemble_run(out: str, dataset: Dataset, wall_seconds: float = float("nan"),
                "mean_test_accuracy": float(acc_test.mean()), "models_trained_now": models_trained,
                "wall_seconds": wall_seconds,
                "models_per_hour": (3600 * models_trained / wall_seconds) if models_trained else None,
-               "compile": _compile_summary(counter)}
+               "compile": compile_summary(counter)}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     write_json_atomic(os.path.join(out, CHECKSUMS), {f: sha256_file(os.path.join(out, f)) for f in ASSEMBLED})
     return summary

@@ -27,7 +27,7 @@ from flax import struct
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training.ensemble import map_models, over_devices
 from jaxunlearn.training.strategy import split_devices
-from jaxunlearn.utils import check_indices
+from jaxunlearn.utils import all_finite, check_indices
 
 
 class UnlearnData(struct.PyTreeNode):
@@ -57,7 +57,7 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
         k = jax.tree.leaves(params)[0].shape[0]
         if targets.shape[:2] != (k, n):
             raise JaxUnlearnError(f"targets must be [K={k}, n_train={n}, C], got {tuple(targets.shape)}")
-        if not bool(jnp.all(jnp.isfinite(targets))):
+        if not all_finite(targets):
             raise JaxUnlearnError("targets contain NaN or inf")
     return forget_idx, retain_idx
 

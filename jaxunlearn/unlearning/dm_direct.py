@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxunlearn.attribution.effects import forget_set_effects
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import check_indices
+from jaxunlearn.utils import all_finite, check_indices
 
 
 def forget_effect(weights, forget_idx):
@@ -33,7 +33,7 @@ def _check_full(full_outputs, shape):
     if tuple(full_outputs.shape[1:]) != tuple(shape):
         raise JaxUnlearnError(f"DM-Direct: full-model outputs {tuple(full_outputs.shape[1:])} do not match the "
                               f"datamodels' [points, classes] {tuple(shape)}")
-    if not bool(jnp.all(jnp.isfinite(full_outputs))):
+    if not all_finite(full_outputs):
         raise JaxUnlearnError("DM-Direct: full-model outputs contain NaN or inf")
 
 
