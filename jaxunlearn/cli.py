@@ -47,7 +47,7 @@ def add_train_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default=None, help="built-in recipe name or .json (default: DATASET-MODEL if built "
                    "in, e.g. digits-cnn for --model cnn, else the data set's; the one used is printed)")
-    p.add_argument("--model", default=None, help="override the recipe's model: resnet9, resnet18, cnn, mlp")
+    p.add_argument("--model", default=None, help="override the recipe's model: resnet9, resnet18, cnn, mlp, vit")
     p.add_argument("--width", type=float, default=None, help="override the recipe's width multiplier")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, default=None)
@@ -69,13 +69,23 @@ def add_train_args(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+def load_npy(path: str, flag: str):
+    """An array from a .npy file given on the command line, or one clear error naming the flag."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise JaxUnlearnError(f"{flag} file {path!r} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise JaxUnlearnError(f"{flag} file {path!r} is not a readable .npy array: {e}") from None
+
+
 def _parse_indices(spec: str):
     import numpy as np
 
     if spec.endswith(".npy"):
-        if not os.path.isfile(spec):
-            raise JaxUnlearnError(f"--forget-idx file {spec!r} does not exist")
-        return np.load(spec)
+        return load_npy(spec, "--forget-idx")
     try:
         return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
     except ValueError:
@@ -211,9 +221,9 @@ def cmd_evaluate(args) -> int:
     from jaxunlearn.training import load_run
 
     oracle = load_run(args.oracle)
-    if not os.path.isfile(args.margins):
-        raise JaxUnlearnError(f"--margins file {args.margins!r} does not exist")
-    margins = np.load(args.margins)
+    margins = load_npy(args.margins, "--margins")
+    if not np.issubdtype(margins.dtype, np.number) or np.issubdtype(margins.dtype, np.complexfloating):
+        raise JaxUnlearnError(f"--margins must hold real numbers, got dtype {margins.dtype}")
     cfg = oracle["config"]
     if cfg["run"]["forget"] is None:
         raise JaxUnlearnError(f"{args.oracle!r} is not an oracle run (it was trained without --forget-idx)")
@@ -293,7 +303,7 @@ def build_parser():
                    help="override any setting: forget_effects=lasso full_models=100 methods.dmm.lr=0.01")
     u.add_argument("--out", required=True)
     u.add_argument("--data-dir", default=None)
-    u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J")
+    u.add_argument("--forget", nargs="+", default=None, help="forget sets: random:N class:C cluster:K:J classes:A,B:N memorized:N")
     u.add_argument("--methods", nargs="+", default=None, help=METHODS_HELP + " or METHOD@MASK")
     u.add_argument("--worker", default=None, metavar="I/N",
                    help="one of N processes of a job array sharing --out: train only this worker's chunks of every "

@@ -29,7 +29,9 @@ def all_finite(*arrays) -> bool:
 def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
     """int64[k] sorted unique indices in [0, n); raises on empty, out of range, or duplicates."""
     idx = np.asarray(idx)
-    if idx.ndim != 1 or idx.size == 0:
+    if idx.ndim != 1:
+        raise JaxUnlearnError(f"{what} must be a 1-D array of indices, got shape {idx.shape}")
+    if idx.size == 0:
         raise JaxUnlearnError(f"{what} is empty")
     if not np.issubdtype(idx.dtype, np.integer):
         raise JaxUnlearnError(f"{what} indices must be integers, got dtype {idx.dtype}")
@@ -39,6 +41,55 @@ def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
     if np.unique(idx).size != idx.size:
         raise JaxUnlearnError(f"{what} has duplicate indices")
     return np.sort(idx.astype(np.int64))
+
+
+def check_field_types(obj, what: str, skip=()) -> None:
+    """Every field of dataclass ``obj`` holds a value of its default's kind (a JSON file or ``--set``
+    may give "three" for an int): bool, int (not bool), float (an int is one too), str, or a tuple
+    of those; fields whose default is None, and those named in ``skip``, take anything (their own
+    checks follow)."""
+    import dataclasses
+
+    def ok(v, kind) -> bool:
+        if kind is bool:
+            return isinstance(v, (bool, np.bool_))
+        if kind is int:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if kind is float:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        return isinstance(v, kind)
+
+    for f in dataclasses.fields(obj):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        v = getattr(obj, f.name)
+        if default is None or f.name in skip:
+            continue
+        if isinstance(default, tuple):
+            kinds = {type(x) for x in default} or {str}
+            kind = float if kinds <= {int, float} and float in kinds else kinds.pop() if len(kinds) == 1 else None
+            good = isinstance(v, (tuple, list)) and (kind is None or all(ok(x, kind) for x in v))
+            name = f"a list of {_KIND_NAMES.get(kind, 'value')}s" if kind else "a list"
+        else:
+            kind = type(default)
+            good, name = ok(v, kind), ("an " if kind is int else "a ") + _KIND_NAMES.get(kind, kind.__name__)
+        if not good:
+            raise JaxUnlearnError(f"{what}: {f.name} must be {name}, got {v!r}")
+
+
+_KIND_NAMES = {bool: "boolean (true or false)", int: "integer", float: "number", str: "string"}
+
+
+def make_folder(path: str, what: str = "--out") -> str:
+    """``os.makedirs(path, exist_ok=True)``, with a clear error where ``path`` (or a folder above it)
+    is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise JaxUnlearnError(f"{what} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise JaxUnlearnError(f"cannot create {what} folder {path!r}: {e.strerror or e}") from None
+    return path
 
 
 def _private_tmp(path: str) -> str:

@@ -62,10 +62,25 @@ def test_bad_datamodel_inputs():
     x, _, _, y = _planted(30, 10, 2)
     with pytest.raises(JaxUnlearnError, match="masks have 30 models but outputs 29"):
         fit_ridge(x, y[:29])
-    y = y.copy()
-    y[3, 1] = np.nan
+    bad = y.copy()
+    bad[3, 1] = np.nan
     with pytest.raises(JaxUnlearnError, match="NaN"):
-        fit_ridge(x, y)
+        fit_ridge(x, bad)
+    masks = x.astype(np.float32)
+    masks[0, 0] = np.nan  # the masks are checked too: 0/1 only
+    with pytest.raises(JaxUnlearnError, match="masks must be 0/1"):
+        fit_ridge(masks, y)
+    for lambdas in ([np.nan], [-1.0], []):
+        with pytest.raises(JaxUnlearnError, match="lambdas must be finite numbers >= 0"):
+            fit_ridge(x, y, lambdas=lambdas)
+    with pytest.raises(JaxUnlearnError, match="val_fraction must lie in"):
+        fit_ridge(x, y, val_fraction=-0.5)
+    with pytest.raises(JaxUnlearnError, match="iters must be a positive integer"):
+        fit_lasso(x, y, iters=0)
+    with pytest.raises(JaxUnlearnError, match="num_lambdas must be a positive integer"):
+        fit_lasso(x, y, num_lambdas=0)
+    with pytest.raises(JaxUnlearnError, match="outputs 1 targets"):
+        lds(fit_ridge(x, y), x, y[:, :1])
 
 
 def test_lds_on_a_digits_subset_ensemble_is_positive(digits):

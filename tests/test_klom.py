@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics.klom import klom, klom_summary
+from jaxunlearn.metrics.klom import binned_kl, klom, klom_groups, klom_summary
+from jaxunlearn.metrics.margins import margins_from_logits
 
 
 def _reference(p, q, bins=20, eps=1e-5, clip=100.0):
@@ -56,6 +57,20 @@ def test_klom_summary_and_errors():
         klom(jnp.zeros((5, 3)), jnp.zeros((5, 4)))
     with pytest.raises(JaxUnlearnError, match="NaN"):
         klom(jnp.zeros((5, 3)), jnp.full((5, 3), jnp.nan))
+    with pytest.raises(JaxUnlearnError, match="NaN"):  # the public per-point function too
+        binned_kl(jnp.zeros((5, 3)), jnp.full((5, 3), jnp.nan))
+    with pytest.raises(JaxUnlearnError, match="need at least one model on each side, got 0 oracle"):
+        klom(jnp.zeros((0, 3)), jnp.zeros((5, 3)))
+    for kw, msg in [({"bins": 0}, "bins must be a positive integer"), ({"eps": 0.0}, "eps must be a finite number > 0"),
+                    ({"clip": -1.0}, "clip must be a finite number > 0")]:
+        with pytest.raises(JaxUnlearnError, match=msg):
+            klom(jnp.zeros((5, 3)), jnp.zeros((5, 3)), **kw)
+    with pytest.raises(JaxUnlearnError, match="out of range"):  # a test index is not a forget point
+        klom_groups(np.array([3, 12]), 10, 5)
+    with pytest.raises(JaxUnlearnError, match="forget set is empty"):
+        klom_groups(np.array([], int), 10, 5)
+    with pytest.raises(JaxUnlearnError, match=r"labels must be integers in \[0, 3\)"):
+        margins_from_logits(jnp.zeros((2, 4, 3)), jnp.array([0, 1, 2, 3]))
 
 
 # --- the benchmark's own binning, on real margins -------------------------------------------------

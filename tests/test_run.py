@@ -128,6 +128,46 @@ def test_bad_inputs_give_one_clear_line_and_no_output(args, message, tmp_path, c
     assert not out.exists()
 
 
+def test_bad_files_and_out_paths_give_one_clear_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    junk = tmp_path / "junk.npy"
+    junk.write_text("not an array")
+    np.save(tmp_path / "two_d.npy", np.arange(6).reshape(2, 3))
+    (tmp_path / "neg_lr.json").write_text(json.dumps({**RECIPES["digits-mlp"].to_dict(), "peak_lr": -1}))
+    (tmp_path / "broken.json").write_text("{\"epochs\": ")
+    cases = [
+        (["train", "--out", str(afile / "sub")], "cannot create --out folder"),
+        (["train", "--out", str(tmp_path / "o"), "--forget-idx", str(junk)], "is not a readable .npy array"),
+        (["train", "--out", str(tmp_path / "o"), "--forget-idx", str(tmp_path / "two_d.npy")],
+         r"forget set must be a 1-D array of indices, got shape \(2, 3\)"),
+        (["train", "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "neg_lr.json")],
+         "peak_lr must be a finite number >= 0, got -1"),
+        (["train", "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "broken.json")], "cannot read recipe"),
+        (["pipeline", "--out", str(afile)], "exists and is not a folder"),
+        (["pipeline", "--out", str(tmp_path / "o"), "--set", "lds_points=-5"], "lds_points must be an integer >= 1"),
+        (["pipeline", "--out", str(tmp_path / "o"), "--set", "recipe.peak_lr=-1"], "peak_lr must be a finite number"),
+        (["report", "--out", str(afile)], "is not a folder"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--no-progress"] if argv[0] != "report" else argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()  # (train prints the recipe it uses first)
+        assert err[-1].startswith("jaxunlearn: error: ") and sum("error" in line for line in err) == 1, (argv, err)
+        import re
+        assert re.search(message, err[-1]), (argv, err[-1])
+        assert not (tmp_path / "o").exists() and afile.read_text() == "not a folder"
+
+
+def test_a_run_that_diverges_leaves_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "run"
+    (tmp_path / "huge_lr.json").write_text(json.dumps({**RECIPES["digits-mlp"].to_dict(), "peak_lr": 1e30}))
+    argv = ["train", "--dataset", "digits", "--models", "2", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--recipe", str(tmp_path / "huge_lr.json")]) == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert not out.exists()  # so the same --out takes the corrected recipe
+    assert main([*argv, "--recipe", "digits-mlp"]) == 0
+
+
 def test_out_folder_with_a_different_run_is_refused_untouched(reference_run, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(reference_run, out)

@@ -7,6 +7,7 @@ from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning import MatchingConfig, UnlearnData, dm_direct, forget_effect, oracle_matching, unlearn_ensemble
+from jaxunlearn.unlearning.gd import GDConfig
 
 K = 8
 
@@ -59,10 +60,40 @@ def test_unlearn_ensemble_rejects_bad_inputs(ensemble, digits):
                                             keys, cfg)
     with pytest.raises(JaxUnlearnError, match="forget set is empty"):
         call(np.array([], np.int32), np.arange(10), logits)
-    with pytest.raises(JaxUnlearnError, match=r"targets must be \[K=8, n_train=1437, C\]"):
+    with pytest.raises(JaxUnlearnError, match=r"targets must be \[K=8, n_train=1437, C=10\]"):
         call(np.arange(3), np.arange(3, 10), logits[:, :100])
+    with pytest.raises(JaxUnlearnError, match=r"targets must be \[K=8, n_train=1437, C=10\], got \(8, 1437, 9\)"):
+        call(np.arange(3), np.arange(3, 10), logits[..., :9])
     with pytest.raises(JaxUnlearnError, match="targets contain NaN"):
         call(np.arange(3), np.arange(3, 10), logits.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(JaxUnlearnError, match="need targets"):
+        call(np.arange(3), np.arange(3, 10), None)
+    # indices: integers only (no silent cast of 1.5 or wrap-round of 2**32 + 3), and the two sets disjoint
+    with pytest.raises(JaxUnlearnError, match="must be integers"):
+        call(np.array([1.5, 2.7]), np.arange(3, 10), logits)
+    with pytest.raises(JaxUnlearnError, match="out of range"):
+        call(np.array([2**32 + 3]), np.arange(3, 10), logits)
+    with pytest.raises(JaxUnlearnError, match="overlap in 2 points"):
+        call(np.arange(3), np.arange(1, 10), logits)
+    # the data and the stacked models
+    with pytest.raises(JaxUnlearnError, match=r"labels must lie in \[0, 10\)"):
+        unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data.replace(labels=data.labels + 5),
+                         np.arange(3), np.arange(3, 10), logits, keys, cfg)
+    with pytest.raises(JaxUnlearnError, match="150 images but 1437 labels"):
+        unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data.replace(images=data.images[:150]),
+                         np.arange(3), np.arange(3, 10), logits, keys, cfg)
+    with pytest.raises(JaxUnlearnError, match=r"leading \(models\) axis; got sizes \[4, 8\]"):
+        unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, np.arange(3), np.arange(3, 10),
+                         logits, keys[:4], cfg)
+    # a config built directly is held to make_config's rules, and must be the method's
+    for bad, msg in [(MatchingConfig(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+                     (MatchingConfig(epochs=0), "epochs must be positive"),
+                     (MatchingConfig(batch_size=-1), "batch_size must be positive"),
+                     (GDConfig(), "GDConfig is not a config of this method; it takes OracleMatchingConfig or DMMConfig"),
+                     (None, "config must be a method's config instance")]:
+        with pytest.raises(JaxUnlearnError, match=msg):
+            unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, np.arange(3),
+                             np.arange(3, 10), logits, keys, bad)
 
 
 def test_dm_direct_subtracts_the_forget_weights():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,13 +41,45 @@ def _check_finite(outputs, what: str) -> None:
         raise JaxUnlearnError(f"{what}: outputs contain NaN or inf")
 
 
+@jax.jit
+def _is_binary(x):
+    return jnp.all((x == 0) | (x == 1))
+
+
+def check_masks(masks, what: str = "datamodels"):
+    """masks: bool|0/1 [M, n] -> f32[M, n]; anything else (NaN, 0.5, 2) is a clear error."""
+    x = jnp.asarray(masks, jnp.float32)
+    if x.ndim != 2:
+        raise JaxUnlearnError(f"{what}: masks must be [models, points], got shape {tuple(x.shape)}")
+    if not bool(_is_binary(x)):
+        raise JaxUnlearnError(f"{what}: masks must be 0/1 (which points each model saw); they hold other values")
+    return x
+
+
 def check_fit_inputs(masks, outputs, what: str = "datamodels"):
-    masks = jnp.asarray(masks, jnp.float32)
+    masks = check_masks(masks, what)
     outputs = jnp.asarray(outputs, jnp.float32)
-    chex.assert_rank([masks, outputs], 2)
+    if outputs.ndim != 2:
+        raise JaxUnlearnError(f"{what}: outputs must be [models, targets], got shape {tuple(outputs.shape)}")
     _check_models(masks.shape[0], outputs.shape[0], what)
     _check_finite(outputs, what)
     return masks, outputs
+
+
+def _check_fit_settings(what: str, val_fraction: float | None = None, chunk: int | None = None,
+                        iters: int | None = None, num_lambdas: int | None = None) -> None:
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise JaxUnlearnError(f"{what}: val_fraction must lie in (0, 1), got {val_fraction}")
+    for name, v in (("chunk", chunk), ("iters", iters), ("num_lambdas", num_lambdas)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise JaxUnlearnError(f"{what}: {name} must be a positive integer, got {v!r}")
+
+
+def _check_lambdas(lambdas):
+    lams = np.asarray(lambdas, np.float64).ravel()
+    if lams.size == 0 or not np.all(np.isfinite(lams)) or np.any(lams < 0):
+        raise JaxUnlearnError(f"datamodels: lambdas must be finite numbers >= 0 (at least one), got {lams.tolist()}")
+    return jnp.asarray(lams, jnp.float32)
 
 
 def _center(x, y):
@@ -150,7 +181,8 @@ def fit_ridge(masks, outputs, lambdas=None, val_fraction: float = 0.1, seed: int
     masks: [M, n]; outputs: f32[M, T]. ``lambdas``: f32[L] candidates (default: a log grid).
     """
     x, y = check_fit_inputs(masks, outputs)
-    lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+    _check_fit_settings("datamodels", val_fraction)
+    lams = default_lambdas(x) if lambdas is None else _check_lambdas(lambdas)
     lam = _lambda_selector(x, lams, val_fraction, seed)(y)
     return Datamodels(*_ridge_fit(x, y, lam), lam)
 
@@ -164,13 +196,16 @@ def ridge_forget_effects(masks, outputs, forget_sets, lambdas=None, val_fraction
     masks: [M, n]; outputs: f32[M, T] (a NumPy array or memmap: only one chunk is on the device at
     a time); forget_sets: list of int arrays. Returns (effects f32[S, T], lam f32[T]).
     """
-    x = jnp.asarray(masks, jnp.float32)
+    x = check_masks(masks)
     m, n = x.shape
+    if np.ndim(outputs) != 2:
+        raise JaxUnlearnError(f"datamodels: outputs must be [models, targets], got shape {np.shape(outputs)}")
     _check_models(m, np.shape(outputs)[0], "datamodels")
+    _check_fit_settings("datamodels", val_fraction, chunk)
     ind = np.zeros((len(forget_sets), n), np.float32)
     for k, f in enumerate(forget_sets):
         ind[k, check_indices(f, n)] = 1.0
-    lams = default_lambdas(x) if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+    lams = default_lambdas(x) if lambdas is None else _check_lambdas(lambdas)
     select = _lambda_selector(x, lams, val_fraction, seed)
     a, s_all, g_all = _summed_factors(x, jnp.asarray(ind))
     t_total = int(np.shape(outputs)[1])
@@ -269,8 +304,11 @@ def fit_lasso(masks, outputs, num_lambdas: int = 8, iters: int = 200, val_fracti
     chosen on held-out models; the path is then re-run on all models up to each target's λ.
     One compiled program for the whole fit (it holds the path's weights, f32[num_lambdas, T, n])."""
     x, y = check_fit_inputs(masks, outputs)
+    _check_fit_settings("lasso", val_fraction, iters=iters, num_lambdas=num_lambdas)
     m = x.shape[0]
     nv = max(1, int(round(val_fraction * m)))
+    if m - nv < 2:
+        raise JaxUnlearnError(f"lasso: {m} models are too few to hold out {nv} for choosing λ")
     perm = np.random.default_rng(seed).permutation(m)
     ratios = jnp.asarray(np.logspace(-0.3, -3, num_lambdas), jnp.float32)
     return Datamodels(*_fit_lasso(x, y, jnp.asarray(perm[nv:]), jnp.asarray(perm[:nv]), ratios,
@@ -290,6 +328,7 @@ def lasso_forget_effect(masks, outputs, forget_idx, iters: int = 200, seed: int 
     """
     n = np.shape(masks)[1]
     f = check_indices(forget_idx, n)
+    _check_fit_settings("lasso", chunk=chunk)
     t_total = int(np.shape(outputs)[1])
     out = np.zeros(t_total, np.float32)
     for start in range(0, t_total, chunk):
@@ -320,5 +359,7 @@ def lds(dm: Datamodels, masks, outputs):
     """Linear datamodeling score: mean over targets of the Spearman correlation, across held-out
     models, between predicted and actual outputs. masks: [M, n], outputs: f32[M, T] -> float."""
     x, y = check_fit_inputs(masks, outputs, "LDS")
-    chex.assert_equal(x.shape[1], dm.weights.shape[1])
+    if dm.weights.shape != (y.shape[1], x.shape[1]):
+        raise JaxUnlearnError(f"LDS: datamodels of {dm.weights.shape[0]} targets over {dm.weights.shape[1]} points, "
+                              f"but masks cover {x.shape[1]} points and outputs {y.shape[1]} targets")
     return float(_lds(dm.weights, dm.bias, x, y))

@@ -18,13 +18,13 @@ denoising it is a weighted sum of the models' outputs, (Σ_{i∈F} D[:, i])ᵀ y
 """
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxunlearn.attribution.datamodels import HIGHEST, Datamodels, check_fit_inputs, spearman
+from jaxunlearn.attribution.datamodels import (HIGHEST, Datamodels, _check_fit_settings, check_fit_inputs, check_masks,
+                                              spearman)
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.utils import all_finite, check_indices
 
@@ -97,14 +97,14 @@ def influence_forget_effects(masks, outputs, forget_sets, threshold: float = 0.0
     device at a time); forget_sets: list of int arrays; threshold: soft-threshold multiple of
     each estimate's standard error (0: raw difference of means). Returns f32[S, T].
     """
-    x = jnp.asarray(masks, jnp.float32)
-    chex.assert_rank(x, 2)
+    x = check_masks(masks, "influence")
     m, n = x.shape
     if np.ndim(outputs) != 2 or np.shape(outputs)[0] != m:
         raise JaxUnlearnError(f"influence: masks have {m} models but outputs have shape {np.shape(outputs)}")
     if not forget_sets:
         raise JaxUnlearnError("influence: no forget sets given")
     _check_threshold(threshold)
+    _check_fit_settings("influence", chunk=chunk)
     fsets = [check_indices(f, n, "forget set") for f in forget_sets]
     d, s = _design(x)
     sets = [jnp.asarray(f) for f in fsets]
@@ -167,6 +167,7 @@ def influence_lds(masks_fit, outputs_fit, masks_val, outputs_val, thresholds=DEF
     if x.shape[1] != xv.shape[1] or y.shape[1] != yv.shape[1]:
         raise JaxUnlearnError(f"influence LDS: fit data {x.shape}/{y.shape} and held-out data "
                               f"{xv.shape}/{yv.shape} do not match")
+    _check_fit_settings("influence LDS", chunk=chunk)
     d, s = _design(x)
     taus = jnp.asarray(thresholds, jnp.float32)
     # predictions are centred on the fit means; Spearman is shift-invariant per target
@@ -186,6 +187,7 @@ def select_influence_threshold(masks, outputs, thresholds=DEFAULT_THRESHOLDS, va
     """The soft-threshold multiple with the best held-out LDS: a seeded ``val_fraction`` of the M
     models is held out, the rest fit. Returns (threshold, {threshold: LDS})."""
     x, y = check_fit_inputs(masks, outputs, "influence")
+    _check_fit_settings("influence", val_fraction)
     m = x.shape[0]
     nv = max(2, int(round(val_fraction * m)))
     if m - nv < 2:

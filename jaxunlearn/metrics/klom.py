@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import all_finite
+from jaxunlearn.utils import all_finite, check_indices
 
 
 @jax.jit
@@ -38,9 +37,33 @@ def _clipped_range(p_samples, q_samples, clip):
     return p, q, lo, jnp.where(lo >= hi, lo + 1.0, hi)
 
 
-@partial(jax.jit, static_argnames=("bins",))
+def _check_samples(p_samples, q_samples, bins, eps, clip, what: str = "KLoM", names=("oracle", "unlearned")):
+    """Both sample sets f32[K, P] (K >= 1, the same P, finite) and the binning's settings; -> (p, q)."""
+    p, q = jnp.asarray(p_samples, jnp.float32), jnp.asarray(q_samples, jnp.float32)
+    if p.ndim != 2 or q.ndim != 2:
+        raise JaxUnlearnError(f"{what}: margins must be [models, points], got {tuple(p.shape)} and {tuple(q.shape)}")
+    if p.shape[0] < 1 or q.shape[0] < 1:
+        raise JaxUnlearnError(f"{what}: need at least one model on each side, got {p.shape[0]} {names[0]} and "
+                              f"{q.shape[0]} {names[1]} models")
+    if p.shape[1] != q.shape[1]:
+        raise JaxUnlearnError(f"{what}: {names[0]} margins cover {p.shape[1]} points, {names[1]} {q.shape[1]}")
+    if not all_finite(p, q):
+        raise JaxUnlearnError(f"{what}: margins contain NaN or inf")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise JaxUnlearnError(f"{what}: bins must be a positive integer, got {bins!r}")
+    for name, v in (("eps", eps), ("clip", clip)):
+        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v > 0):
+            raise JaxUnlearnError(f"{what}: {name} must be a finite number > 0, got {v!r}")
+    return p, q
+
+
 def binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
     """KL(P ‖ Q) per point from samples. p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f32[P]."""
+    return _binned_kl(*_check_samples(p_samples, q_samples, bins, eps, clip, "binned KL", ("P", "Q")), bins, eps, clip)
+
+
+@partial(jax.jit, static_argnames=("bins",))
+def _binned_kl(p_samples, q_samples, bins: int, eps, clip):
     p, q, lo, hi = _clipped_range(p_samples, q_samples, clip)
 
     def hist(s):
@@ -88,7 +111,8 @@ def _kl_from_counts(cp, cq, eps: float):
 def reference_binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
     """KL(P ‖ Q) per point with data-unlearning-bench's binning (see module docstring).
     p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f64[P] (numpy)."""
-    p, q, lo, hi = _clipped_range(jnp.asarray(p_samples, jnp.float32), jnp.asarray(q_samples, jnp.float32), clip)
+    p, q = _check_samples(p_samples, q_samples, bins, eps, clip, "binned KL", ("P", "Q"))
+    p, q, lo, hi = _clipped_range(p, q, clip)
     # the edges exactly as np.linspace makes them from float32 ends (float32, last edge = hi)
     edges = np.linspace(np.asarray(lo), np.asarray(hi), bins + 1, axis=-1)
     cp, cq = _digitize_counts(p, q, jnp.asarray(edges), bins)
@@ -107,12 +131,7 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
     benchmark's ``np.digitize`` binning, which drops samples equal to the pooled maximum; module
     docstring).
     """
-    o, u = jnp.asarray(oracle_margins, jnp.float32), jnp.asarray(unlearned_margins, jnp.float32)
-    chex.assert_rank([o, u], 2)
-    if o.shape[1] != u.shape[1]:
-        raise JaxUnlearnError(f"KLoM: oracle margins cover {o.shape[1]} points, unlearned {u.shape[1]}")
-    if not all_finite(o, u):
-        raise JaxUnlearnError("KLoM: margins contain NaN or inf")
+    o, u = _check_samples(oracle_margins, unlearned_margins, bins, eps, clip)
     if direction not in DIRECTIONS:
         raise JaxUnlearnError(f"KLoM: unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
     if binning not in BINNINGS:
@@ -120,12 +139,16 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
     first, second = (o, u) if direction == "oracle||unlearned" else (u, o)
     if binning == "reference":
         return reference_binned_kl(first, second, bins, eps, clip)
-    return binned_kl(first, second, bins, eps, clip)
+    return _binned_kl(first, second, bins, eps, clip)
 
 
 def klom_groups(forget_idx, n_train: int, n_test: int) -> dict:
     """The point groups KLoM is reported on, as indices into [train points, then test points]."""
+    for name, v in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise JaxUnlearnError(f"KLoM groups: {name} must be an integer >= 0, got {v!r}")
     forget_idx = np.asarray(forget_idx)
+    check_indices(forget_idx, n_train, "forget set")
     return {"forget": forget_idx, "retain": np.setdiff1d(np.arange(n_train), forget_idx),
             "val": n_train + np.arange(n_test)}
 

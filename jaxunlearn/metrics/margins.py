@@ -4,11 +4,24 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxunlearn.errors import JaxUnlearnError
+
+
+def margins_from_logits(logits, labels):
+    """logits: f32[..., n, C], labels: i32[n] -> f32[..., n]. Concrete labels are checked to be
+    class indices of the logits (inside a traced function they cannot be, and are not)."""
+    if not isinstance(labels, jax.core.Tracer):
+        lab = np.asarray(labels)
+        if lab.size and (not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= np.shape(logits)[-1]):
+            raise JaxUnlearnError(f"margins: labels must be integers in [0, {np.shape(logits)[-1]}) (the logits' "
+                                  f"classes), got dtype {lab.dtype}, range {lab.min()}..{lab.max()}")
+    return _margins(logits, labels)
 
 
 @jax.jit
-def margins_from_logits(logits, labels):
-    """logits: f32[..., n, C], labels: i32[n] -> f32[..., n]."""
+def _margins(logits, labels):
     chex.assert_rank(labels, 1)
     chex.assert_equal(logits.shape[-2], labels.shape[0])
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)

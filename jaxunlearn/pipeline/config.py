@@ -9,6 +9,7 @@ from jaxunlearn.attribution.effects import ESTIMATORS
 from jaxunlearn.attribution.influence import DEFAULT_THRESHOLDS
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.registry import ALL_METHODS, get_method, make_config
+from jaxunlearn.utils import check_field_types
 
 
 def _setting_value(key: str, value, current):
@@ -146,6 +147,23 @@ class PipelineConfig:
                                 path_fields=("data_dir", "recipe")).validate()
 
     def validate(self) -> "PipelineConfig":
+        """Every setting checked before anything is trained or written (types, ranges, names, the recipe)."""
+        check_field_types(self, "pipeline config", skip=("recipe",))  # a name, a .json file or its fields
+        for name, v, low in (("seed", self.seed, 0), ("lasso_targets", self.lasso_targets, 1),
+                             ("lds_points", self.lds_points, 1), ("lasso_iters", self.lasso_iters, 1),
+                             ("epochs", self.epochs, 1), ("chunk", self.chunk, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                null = " (or null)" if name in ("epochs", "chunk") else ""
+                raise JaxUnlearnError(f"{name} must be an integer >= {low}{null}, got {v!r}")
+        if not 0 < self.alpha <= 1:
+            raise JaxUnlearnError(f"alpha must lie in (0, 1], got {self.alpha}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise JaxUnlearnError(f"data_dir must be a folder (a string), got {self.data_dir!r}")
+        if not isinstance(self.recipe, (str, dict)):
+            raise JaxUnlearnError(f"recipe must be a recipe name, a .json file or its fields, got {self.recipe!r}")
+        from jaxunlearn.training.recipe import load_recipe
+
+        load_recipe(self.recipe).with_epochs(self.epochs).validate()
         for m in self.methods:
             if "@" in m:
                 get_method(m)  # METHOD@MASK: names the part that is unknown

@@ -35,7 +35,7 @@ from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.models.dkvb import DKVBConfig, DKVBHead, dkvb_logits, head_flops, train_heads
 from jaxunlearn.pipeline.config import read_json_config, set_fields
 from jaxunlearn.unlearning.dkvb import check_sweep, sweep_heads
-from jaxunlearn.utils import all_finite, save_figure_atomic, save_npz_atomic, write_json_atomic
+from jaxunlearn.utils import all_finite, make_folder, save_figure_atomic, save_npz_atomic, write_json_atomic
 
 FORMAT = 1
 _HEAD_FIELDS = ("num_codebooks", "pairs", "dim_key", "decay", "init_epochs", "threshold_factor", "lr",
@@ -273,7 +273,7 @@ def _check_out(out: str, cfg: DKVBExperiment, data_fp: str) -> None:
                          "eval_train_points")}
     meta = {"format": FORMAT, "training": keep, "data_fingerprint": data_fp}
     path = os.path.join(out, "dkvb_config.json")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)

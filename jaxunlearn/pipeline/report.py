@@ -116,6 +116,8 @@ def merge_results(out: str) -> dict:
     (duplicate rows dropped) plus, per forget set, the Pareto frontier over every point and each
     method's best point. Oracle Matching uses oracle outputs, so the frontier is given with and
     without it."""
+    if not os.path.isdir(out):
+        raise JaxUnlearnError(f"--out {out!r} is not a folder")
     paths = sorted(glob.glob(os.path.join(out, "sweep-*.json")))
     main = os.path.join(out, "results.json")
     paths = ([main] if os.path.isfile(main) else []) + paths
@@ -123,8 +125,13 @@ def merge_results(out: str) -> dict:
         raise JaxUnlearnError(f"no results.json or sweep-*.json in {out!r}; run `jaxunlearn pipeline` first")
     merged, seen = None, set()
     for path in paths:
-        with open(path) as f:
-            res = json.load(f)
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            if not isinstance(res, dict) or not all(k in res for k in ("results", "forget_sets", "noise_floor", "lds")):
+                raise ValueError("not a results file of `jaxunlearn pipeline` or `sweep`")
+        except (OSError, ValueError) as e:
+            raise JaxUnlearnError(f"cannot read {path}: {e}") from None
         if merged is None:
             merged = {k: v for k, v in res.items() if k not in ("results", "sweep", "wall_seconds", "compile")}
             merged["results"], merged["sources"] = [], []

@@ -45,7 +45,7 @@ from jaxunlearn.metrics.margins import margins_from_logits
 from jaxunlearn.pipeline.config import PipelineConfig
 from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
-from jaxunlearn.utils import save_npy_atomic, write_json_atomic
+from jaxunlearn.utils import make_folder, save_npy_atomic, write_json_atomic
 from jaxunlearn.training.ensemble import EnsembleFns
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import ensemble_layout
@@ -249,7 +249,7 @@ def train_base_ensembles(cfg: PipelineConfig, data: Data, out: str, progress: bo
 def train_base_share(cfg: PipelineConfig, data: Data, out: str, progress: bool, worker=None) -> tuple[str, str, bool]:
     """:func:`train_base_ensembles` for worker ``(I, N)`` of a job array (None: all of it); also
     whether both runs are complete."""
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     dm_dir, full_dir = os.path.join(out, "datamodels"), os.path.join(out, "full")
     a = train_with_progress(RunConfig(cfg.dataset, cfg.datamodel_models, data.recipe, cfg.seed, cfg.alpha,
                                       chunk=cfg.chunk), data.dataset, dm_dir, "datamodel ensemble", progress, worker)

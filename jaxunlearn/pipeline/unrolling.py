@@ -41,7 +41,7 @@ from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning.base import UnlearnData, unlearn_ensemble
 from jaxunlearn.unlearning.registry import METHODS, NEEDS_INIT, get_method, make_config
 from jaxunlearn.unlearning.single_gradient import SingleGradientConfig, single_gradient
-from jaxunlearn.utils import save_figure_atomic, write_json_atomic
+from jaxunlearn.utils import make_folder, save_figure_atomic, write_json_atomic
 
 DEFAULT_RECIPES = {"digits": "digits-mlp", "cifar10": "cifar10-resnet9"}
 
@@ -356,6 +356,7 @@ def run_unrolling(cfg: UnrollingConfig, out: str, progress: bool = True) -> dict
     for b in cfg.batch_sizes:
         if b > ds.n_train - cfg.forget_size:
             raise JaxUnlearnError(f"batch size {b} is larger than the retain set ({ds.n_train - cfg.forget_size} points)")
+    make_folder(out)
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     ev = None
     shared = {k: v for k, v in cfg.to_dict().items() if k not in ("lrs", "batch_sizes", "std_losses", "data_dir")}

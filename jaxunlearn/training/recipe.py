@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxunlearn.errors import JaxUnlearnError
+from jaxunlearn.utils import check_field_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class Recipe:
         """Same recipe over ``epochs`` epochs, the lr peak moved to the same fraction of training."""
         if epochs is None or epochs == self.epochs:
             return self
+        check_field_types(self, "recipe")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise JaxUnlearnError(f"epochs must be >= 1 (an integer), got {epochs!r}")
         return dataclasses.replace(self, epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
     def to_dict(self) -> dict:
@@ -56,6 +60,14 @@ class Recipe:
     def validate(self) -> "Recipe":
         from jaxunlearn.models import DTYPES, MODELS
 
+        check_field_types(self, "recipe")
+        for name in ("width", "peak_lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name == "width" and v == 0):
+                raise JaxUnlearnError(f"recipe: {name} must be a finite number {'> 0' if name == 'width' else '>= 0'}, "
+                                      f"got {v!r}")
+        if self.crop_pad < 0:
+            raise JaxUnlearnError(f"recipe: crop_pad must be >= 0, got {self.crop_pad}")
         if self.model not in MODELS:
             raise JaxUnlearnError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dtype not in DTYPES:
@@ -118,8 +130,14 @@ def load_recipe(name_or_path: str | dict) -> Recipe:
     if name_or_path in RECIPES:
         return RECIPES[name_or_path]
     if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            return recipe_from_fields(json.load(f), f"recipe {name_or_path}")
+        try:
+            with open(name_or_path) as f:
+                fields = json.load(f)
+        except (OSError, ValueError) as e:
+            raise JaxUnlearnError(f"cannot read recipe {name_or_path!r}: {e}") from None
+        if not isinstance(fields, dict):
+            raise JaxUnlearnError(f"recipe {name_or_path}: expected a JSON object of recipe fields")
+        return recipe_from_fields(fields, f"recipe {name_or_path}")
     raise JaxUnlearnError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(RECIPES)} or a .json file")
 
 

@@ -21,6 +21,7 @@ and re-trains a damaged one (training is deterministic, so the results come out 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,7 @@ from jaxunlearn.training.ensemble import EnsembleFns, margins_and_correct, train
 from jaxunlearn.training.recipe import Recipe
 from jaxunlearn.training.step import make_trainer
 from jaxunlearn.training.strategy import ensemble_layout, split_devices
-from jaxunlearn.utils import save_npy_atomic, write_json_atomic
+from jaxunlearn.utils import make_folder, save_npy_atomic, write_json_atomic
 from jaxunlearn.training.subsets import random_subset_masks, retain_masks, steps_per_epoch
 
 FORMAT_VERSION = 1
@@ -147,6 +148,20 @@ def balanced_chunk(models: int, chunk: int, multiple: int = 1) -> int:
     n_chunks = -(-models // chunk)
     per = -(-models // n_chunks)
     return min(chunk, -(-per // multiple) * multiple)
+
+
+def _drop_untrained_run(out: str, chunks_dir: str, created_out: bool) -> None:
+    """Removes a run that has no finished chunk (config.json, masks.npy, chunks/, and ``out`` itself
+    if this process created it), so that the same ``--out`` can take a corrected config; a run with
+    any finished chunk is kept."""
+    if any(not n.startswith(".") for n in os.listdir(chunks_dir)):
+        return
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    for name in ("config.json", "masks.npy"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    if created_out and not os.listdir(out):
+        os.rmdir(out)
 
 
 def _check_out(out: str, cfg_dict: dict) -> bool:
@@ -438,7 +453,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                     devices=len(split_devices(devs, chunk, vmap_width)))
 
     chunks_dir = os.path.join(out, "chunks")
-    os.makedirs(out, exist_ok=True)
+    created_out = not os.path.exists(out)
+    make_folder(out)
     # config.json first: the folder is a run from here on, and its layout is the run's
     if not resuming and not _create_json_once(os.path.join(out, "config.json"), run_dict):
         _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
@@ -501,6 +517,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                     states.params, states.batch_stats, all_images, all_labels))
                 saving.result()
             if not np.all(np.isfinite(logits)):
+                if worker is None and not resuming:  # a run this process began: no folder to clear by hand
+                    _drop_untrained_run(out, chunks_dir, created_out)
                 raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
             if _finish_chunk(tmp, final, {"logits": logits, "margins": margins, "correct": correct}, ids,
                              {"models": ids.tolist(), "seconds": time.time() - tc}):

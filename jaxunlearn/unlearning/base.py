@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
@@ -46,20 +46,53 @@ class UnlearnData(struct.PyTreeNode):
 FORWARD_COST = 1.0 / 3.0  # a forward pass is about a third of a forward+backward
 
 
-def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targets):
-    forget_idx = jnp.asarray(forget_idx, jnp.int32)
-    retain_idx = jnp.asarray(retain_idx, jnp.int32)
+def _num_classes(params, model_state, data: UnlearnData) -> int:
+    """C of the model's logits, from ``data.apply``'s output shape for one model (traced, not run)."""
+    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
+    image = jax.ShapeDtypeStruct((1, *data.images.shape[1:]), data.images.dtype)
+    logits = jax.eval_shape(lambda p, s, x: data.apply(p, s, x, False)[0], one(params), one(model_state), image)
+    return int(logits.shape[-1])
+
+
+def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targets, keys=None, model_state=None):
+    """The checks every method's inputs pass before anything is compiled: the index sets (integers,
+    in range, unique, non-empty, disjoint), the data (one integer label in [0, C) per image), the
+    stacked models (every leaf of params / model_state and ``keys`` with the same K) and the
+    targets (f32[K, n_train, C], finite). Returns the index sets as i32 device arrays."""
     n = data.labels.shape[0]
-    chex.assert_rank([forget_idx, retain_idx], 1)
-    check_indices(forget_idx, n, "forget set")  # empty, out of range or repeated: one clear error
-    check_indices(retain_idx, n, "retain set")
+    forget = check_indices(forget_idx, n, "forget set")  # empty, out of range or repeated: one clear error
+    retain = check_indices(retain_idx, n, "retain set")  # (sorted copies: the sets keep their given order)
+    both = np.intersect1d(forget, retain)
+    if both.size:
+        raise JaxUnlearnError(f"forget and retain sets overlap in {both.size} points (e.g. {both[:5].tolist()})")
+    if data.images.shape[0] != n:
+        raise JaxUnlearnError(f"data: {data.images.shape[0]} images but {n} labels")
+    if not jnp.issubdtype(data.labels.dtype, jnp.integer):
+        raise JaxUnlearnError(f"data: labels must be integers, got dtype {data.labels.dtype}")
+    leaves = jax.tree.leaves((params, model_state))
+    if not leaves or any(np.ndim(x) < 1 for x in leaves):
+        raise JaxUnlearnError("params must be stacked over the models: every leaf with a leading K axis")
+    k = leaves[0].shape[0]
+    if any(x.shape[0] != k for x in leaves) or (keys is not None and keys.shape[0] != k):
+        sizes = sorted({x.shape[0] for x in leaves} | ({keys.shape[0]} if keys is not None else set()))
+        raise JaxUnlearnError(f"params, model_state and keys must share their leading (models) axis; got sizes {sizes}")
+    c = _num_classes(params, model_state, data)
+    labels = np.asarray(data.labels)
+    if labels.min() < 0 or labels.max() >= c:
+        raise JaxUnlearnError(f"data: labels must lie in [0, {c}) (the model's classes), got {labels.min()}..{labels.max()}")
     if targets is not None:
-        k = jax.tree.leaves(params)[0].shape[0]
-        if targets.shape[:2] != (k, n):
-            raise JaxUnlearnError(f"targets must be [K={k}, n_train={n}, C], got {tuple(targets.shape)}")
+        if np.ndim(targets) != 3 or tuple(targets.shape) != (k, n, c):
+            raise JaxUnlearnError(f"targets must be [K={k}, n_train={n}, C={c}], got {tuple(np.shape(targets))}")
         if not all_finite(targets):
             raise JaxUnlearnError("targets contain NaN or inf")
-    return forget_idx, retain_idx
+    return jnp.asarray(np.asarray(forget_idx), jnp.int32), jnp.asarray(np.asarray(retain_idx), jnp.int32)
+
+
+def check_config(method, config) -> None:
+    """The config's values by the registry's rules (and its class against a registered method's)."""
+    from jaxunlearn.unlearning.registry import check_config as check  # the registry imports every method
+
+    check(config, method)
 
 
 def model_devices(devices, k: int, vmap_width: int | None = None) -> tuple:
@@ -85,7 +118,8 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
     share K evenly with at least ``vmap_width`` models each), bit-identical to one device.
     Returns stacked params, model states and cost f32[K].
     """
-    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
+    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets, keys, model_state)
+    check_config(method, config)
     devs = model_devices(devices, keys.shape[0], vmap_width)
     return _unlearn_jit(method, config, vmap_width, devs, params, model_state, data, forget_idx, retain_idx, targets,
                         keys)
@@ -101,7 +135,11 @@ def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forge
     as in :func:`unlearn_ensemble`). Returns, per config in the given order, (params, model_state,
     cost f32[K]) stacked over K.
     """
-    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets)
+    forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets, keys, model_state)
+    if not len(configs):
+        raise JaxUnlearnError("unlearn_grid: no configs given")
+    for c in configs:
+        check_config(method, c)
     devs = model_devices(devices, keys.shape[0], vmap_width)
     groups: dict = {}
     for i, c in enumerate(configs):

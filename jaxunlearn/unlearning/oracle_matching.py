@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.finetune import SGDConfig, retain_sample, run_finetune, sgd, steps_for
 
 OPTIMIZERS = ("adam", "sgd")
@@ -73,7 +74,10 @@ def matching_optimizer(config: MatchingConfig, steps_per_epoch: int) -> optax.Gr
 def oracle_matching(params, model_state, data, forget_idx, retain_idx, targets, key, config: MatchingConfig):
     """targets: f32[n_train, C] logits to match. See :mod:`jaxunlearn.unlearning.base`."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"matching: optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+        raise JaxUnlearnError(f"matching: optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if targets is None:
+        raise JaxUnlearnError("Oracle Matching / DMM need targets f32[K, n_train, C]: oracle logits (OM) or "
+                              "DM-Direct's predicted logits (DMM, e.g. dm_direct_targets)")
     forget = jnp.tile(forget_idx, max(1, config.forget_multiplier))
     r = retain_pool_size(config, forget_idx.shape[0], retain_idx.shape[0])
     if config.retain_per_epoch > 0:

@@ -14,6 +14,8 @@ import math
 import itertools
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization.masks import CHANNEL_REDUCES, MASKS
 from jaxunlearn.unlearning.del_unlearning import DELConfig, del_unlearning
@@ -88,38 +90,65 @@ ZERO_ALLOWED = {"max_steps", "pool_seed", "retain_per_epoch", "train_head",  # i
 CHOICES = {"optimizer": OPTIMIZERS, "mask_channel_reduce": CHANNEL_REDUCES}
 
 
+def _checked_value(name: str, k: str, kind: type, v):
+    """One hyperparameter value by the rules every config obeys; returns it as ``kind``."""
+    if kind is str:
+        if v not in CHOICES.get(k, (v,)):
+            raise JaxUnlearnError(f"{name}: {k} must be one of {', '.join(CHOICES[k])}, got {v!r}")
+        return v
+    if kind is int:
+        try:
+            ok = float(v) == int(float(v))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
+        v = int(float(v))
+        if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{name}" not in ZERO_ALLOWED and v == 0):
+            raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
+        return v
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise JaxUnlearnError(f"{name}: {k} must be a number, got {v!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise JaxUnlearnError(f"{name}: {k} must be a finite number >= 0, got {v}")
+    if k in UNIT_INTERVAL and not UNIT_INTERVAL[k][1](v):
+        raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k][0]}, got {v}")
+    return v
+
+
 def make_config(name: str, **overrides):
     """The method's config with ``overrides``; unknown names and wrong types are clear errors."""
     kinds = hyperparameters(name)
-    cls = get_method(name).config
     clean = {}
     for k, v in overrides.items():
         if k not in kinds:
             raise JaxUnlearnError(f"{name} has no hyperparameter {k!r}; it has {', '.join(kinds)}")
-        if kinds[k] is str:
-            if v not in CHOICES.get(k, (v,)):
-                raise JaxUnlearnError(f"{name}: {k} must be one of {', '.join(CHOICES[k])}, got {v!r}")
-        elif kinds[k] is int:
-            try:
-                ok = float(v) == int(float(v))
-            except (TypeError, ValueError, OverflowError):
-                ok = False
-            if not ok:
-                raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
-            v = int(float(v))
-            if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{name}" not in ZERO_ALLOWED and v == 0):
-                raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
-        else:
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise JaxUnlearnError(f"{name}: {k} must be a number, got {v!r}") from None
-            if not math.isfinite(v) or v < 0:
-                raise JaxUnlearnError(f"{name}: {k} must be a finite number >= 0, got {v}")
-            if k in UNIT_INTERVAL and not UNIT_INTERVAL[k][1](v):
-                raise JaxUnlearnError(f"{name}: {k} must lie in {UNIT_INTERVAL[k][0]}, got {v}")
-        clean[k] = v
-    return cls(**clean)
+        clean[k] = _checked_value(name, k, kinds[k], v)
+    return get_method(name).config(**clean)
+
+
+def check_config(config, method: Callable | None = None) -> None:
+    """A config however it was built (:func:`make_config`, or its class called directly as in the
+    README's example) obeys :func:`make_config`'s rules: finite non-negative numbers, positive
+    integers where a size or count, fractions in their interval. With ``method``, a registered
+    method's function, the config must be of (a base of) that method's config class."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise JaxUnlearnError(f"config must be a method's config instance (e.g. GDConfig(...) or "
+                              f"make_config('gd', ...)), got {type(config).__name__}")
+    cls = type(config)
+    expected = [m.config for m in METHODS.values() if m.fn is method]
+    if expected and not any(isinstance(config, c) or issubclass(c, cls) for c in expected):
+        raise JaxUnlearnError(f"{cls.__name__} is not a config of this method; it takes "
+                              f"{' or '.join(c.__name__ for c in expected)}")
+    owner = cls if cls in {m.config for m in METHODS.values()} else cls.__bases__[0]
+    name = next((n for n, m in METHODS.items() if m.config is owner), cls.__name__)
+    for f in dataclasses.fields(config):
+        kind = type(f.default)
+        value = getattr(config, f.name)
+        for v in (np.ravel(np.asarray(value)) if kind is not str else [value]):
+            _checked_value(name, f.name, kind, v.item() if hasattr(v, "item") else v)
 
 
 def parse_grid(name: str, items, base: dict | None = None) -> list:
