@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.revs = [subprocess.run(["git", "-C", REPO, "rev-parse", "--short", r], check=True, capture_output=True,
+                                text=True).stdout.strip() for r in args.revs]  # commits, not names that move
     with tempfile.TemporaryDirectory(prefix="demo-startup-") as scratch:
         trees = {}
         for rev in args.revs:

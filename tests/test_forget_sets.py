@@ -43,3 +43,16 @@ def test_bad_forget_specs(digits, spec, msg):
 def test_whole_training_set_is_refused():
     with pytest.raises(JaxUnlearnError, match="whole training set"):
         make_forget_set("class:0", np.zeros(10, int))
+
+
+def test_bad_embeddings_and_scores_are_refused():
+    labels = np.arange(20) % 2
+    emb = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(JaxUnlearnError, match="30 clusters for 20 training points"):
+        make_forget_set("cluster:30:1", labels, emb)
+    with pytest.raises(JaxUnlearnError, match="embeddings contain NaN"):
+        make_forget_set("cluster:2:1", labels, np.where(np.eye(20, 3) > 0, np.nan, emb))
+    with pytest.raises(JaxUnlearnError, match=r"embeddings must be \[20 training points, D\]"):
+        make_forget_set("cluster:2:1", labels, emb[:, 0])
+    with pytest.raises(JaxUnlearnError, match="memorization scores contain NaN"):
+        make_forget_set("memorized:3", labels, memorization=np.full(20, np.nan))

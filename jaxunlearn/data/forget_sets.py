@@ -107,8 +107,12 @@ def make_forget_set(spec: str, labels, embeddings=None, seed: int = 0, memorizat
         if embeddings is None:
             raise JaxUnlearnError(f"forget set {spec!r} needs embeddings of a trained model")
         emb = np.asarray(embeddings)
-        if emb.shape[0] != n:
-            raise JaxUnlearnError(f"forget set {spec!r}: {emb.shape[0]} embeddings for {n} training points")
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise JaxUnlearnError(f"forget set {spec!r}: embeddings must be [{n} training points, D], got {emb.shape}")
+        if not np.all(np.isfinite(emb)):
+            raise JaxUnlearnError(f"forget set {spec!r}: the embeddings contain NaN or inf")
+        if k > n:
+            raise JaxUnlearnError(f"forget set {spec!r}: {k} clusters for {n} training points")
         assign = kmeans(emb, k, seed)
         members = np.flatnonzero(assign == j)
         if members.size == 0:
@@ -131,6 +135,8 @@ def make_forget_set(spec: str, labels, embeddings=None, seed: int = 0, memorizat
         mem = np.asarray(memorization, np.float64)
         if mem.shape != (n,):
             raise JaxUnlearnError(f"forget set {spec!r}: memorization has shape {mem.shape}, expected ({n},)")
+        if not np.all(np.isfinite(mem)):
+            raise JaxUnlearnError(f"forget set {spec!r}: the memorization scores contain NaN or inf")
         idx = np.argsort(-mem, kind="stable")[:size]
     idx = check_indices(idx, n)
     if idx.size == n:

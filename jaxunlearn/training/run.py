@@ -398,6 +398,10 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     if cfg.models < 1:
         raise JaxUnlearnError(f"models must be >= 1, got {cfg.models}")
     masks = make_masks(cfg, dataset.n_train)  # validates alpha / forget before anything is written
+    largest = int(masks.sum(axis=1).max())
+    if cfg.recipe.batch_size > largest:
+        raise JaxUnlearnError(f"batch size {cfg.recipe.batch_size} is larger than a model's training set "
+                              f"({largest} points at alpha {cfg.alpha})")
     local = jax.local_devices()
     if devices is not None and not 1 <= devices <= len(local):
         raise JaxUnlearnError(f"--devices must lie in [1, {len(local)}] (the local devices), got {devices}")
