@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn.data import augment, load_cifar10_archive, load_dataset
+from jaxunlearn.data import augment, load_cifar10_archive, load_dataset, make_dataset
 from jaxunlearn.errors import JaxUnlearnError
 
 
@@ -83,6 +83,12 @@ def test_bad_data_inputs(tmp_path):
         (bad / f).write_bytes(b"not a pickle")
     with pytest.raises(JaxUnlearnError, match="is not a CIFAR-10 batch file"):
         load_dataset("cifar10", str(tmp_path))
+    x, y = np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 2, 3])
+    with pytest.raises(JaxUnlearnError, match="train labels must be integers"):
+        make_dataset("mine", x, y + 0.5, x, y, 10)  # no silent truncation of 0.5 to class 0
+    with pytest.raises(JaxUnlearnError, match="the training set is empty"):
+        make_dataset("mine", x[:0], y[:0], x, y, 10)
+    assert make_dataset("mine", x, y.astype(np.float32), x, y, 10).train_labels.dtype == np.int32  # 0.0, 1.0: fine
 
 
 def test_tfds_missing_gives_install_hint():

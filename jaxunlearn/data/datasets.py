@@ -71,7 +71,13 @@ class Dataset:
 
 def make_dataset(name, train_images, train_labels, test_images, test_labels, num_classes) -> Dataset:
     """Validates arrays and computes per-channel mean/std from the training images."""
+    if len(train_images) == 0:
+        raise JaxUnlearnError(f"{name}: the training set is empty")
     for split, x, y in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        y = np.asarray(y)
+        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and
+                                                         np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+            raise JaxUnlearnError(f"{name}: {split} labels must be integers (class indices), got dtype {y.dtype}")
         if x.ndim != 4:
             raise JaxUnlearnError(f"{name}: {split} images must be [n, H, W, C], got shape {x.shape}")
         if y.shape != (x.shape[0],):
