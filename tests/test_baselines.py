@@ -52,6 +52,35 @@ def test_every_method_unlearns_all_models_in_one_vmapped_call(mlps, method):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-5), p, p2)
 
 
+def test_counted_compute_follows_each_methods_schedule(mlps):
+    # the cost feeds compute_fraction and the Pareto frontier: gradient evaluations = epochs x steps x batch
+    r, f = len(RETAIN), len(FORGET)
+    steps = lambda n, b: -(-n // b)  # noqa: E731
+    for method, cfg, want in [
+        ("gd", make_config("gd", epochs=2, batch_size=64), 2 * steps(r, 64) * 64),
+        ("gd", make_config("gd", epochs=1, batch_size=64, retain_per_epoch=100), steps(100, 64) * 64),
+        ("l1-sparse", make_config("l1-sparse", epochs=3, batch_size=128), 3 * steps(r, 128) * 128),
+        ("ga", make_config("ga", epochs=2, batch_size=16), 2 * steps(f, 16) * 16),
+        ("ga", make_config("ga", epochs=1, batch_size=256), f),  # the batch shrinks to |F|
+    ]:
+        _, _, cost = _run(mlps, method, cfg)
+        assert np.all(np.asarray(cost) == want), (method, cfg, np.asarray(cost)[0], want)
+
+
+def test_l1_term_shrinks_the_weights_and_random_labels_are_wrong(mlps):
+    from jaxunlearn.unlearning.l1_sparse import l1_norm
+    from jaxunlearn.unlearning.random_labels import wrong_labels
+
+    tr, fns, states, data, logits = mlps
+    norms = {g: np.asarray(jax.vmap(l1_norm)(_run(mlps, "l1-sparse", make_config("l1-sparse", epochs=1, l1=g))[0]))
+             for g in (0.0, 1e-3)}
+    assert np.all(norms[1e-3] < norms[0.0] - 1.0), norms  # the same run but the γ·‖θ‖₁ term: smaller ‖θ‖₁
+    labels = jnp.asarray(np.arange(1000) % 10)
+    drawn = np.stack([np.asarray(wrong_labels(jax.random.key(i), labels, 10)) for i in range(200)])
+    assert np.all(drawn != np.asarray(labels)) and np.all((drawn >= 0) & (drawn < 10))
+    assert all(set(drawn[:, j]) == set(range(10)) - {j % 10} for j in range(10))  # every other class turns up
+
+
 def test_gradient_ascent_raises_forget_loss_and_gd_leaves_forget_points_alone(mlps):
     tr, fns, states, data, logits = mlps
     # poison the forget images: any gradient or forward pass through a forget point turns params NaN

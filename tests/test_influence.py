@@ -132,4 +132,5 @@ def test_the_retain_pool_is_fixed_and_shared_by_every_model():
     p2, _, _ = run(targets.at[:, pool[:1]].add(100.0))  # one pooled point: every model moves
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).reshape(3, -1).max(1), p0, p2)
     assert np.all(np.max(np.stack(jax.tree.leaves(moved)), 0) > 1e-4)
-    assert jax.tree.structure(s0) == jax.tree.structure(v["batch_stats"])  # BatchNorm stats updated in train mode
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(v["batch_stats"])))
+    # (BatchNorm statistics move: the matching steps run in train mode)

@@ -65,6 +65,8 @@ def test_klom_summary_and_errors():
                     ({"clip": -1.0}, "clip must be a finite number > 0")]:
         with pytest.raises(JaxUnlearnError, match=msg):
             klom(jnp.zeros((5, 3)), jnp.zeros((5, 3)), **kw)
+    g = klom_groups(np.array([1, 3]), 5, 2)  # points: 5 training, then 2 test
+    assert {k: v.tolist() for k, v in g.items()} == {"forget": [1, 3], "retain": [0, 2, 4], "val": [5, 6]}
     with pytest.raises(JaxUnlearnError, match="out of range"):  # a test index is not a forget point
         klom_groups(np.array([3, 12]), 10, 5)
     with pytest.raises(JaxUnlearnError, match="forget set is empty"):

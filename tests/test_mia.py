@@ -38,5 +38,7 @@ def test_mia_rejects_bad_input():
         mia(a, a, a, a, np.array([10]))
     with pytest.raises(JaxUnlearnError, match="NaN"):
         mia(a.copy() * np.nan, a, a, a, np.arange(3))
-    with pytest.raises(AssertionError):
+    with pytest.raises(JaxUnlearnError, match=r"MIA: every margins array must be \[models, 10\]"):
         mia(a, a[:, :5], a, a, np.arange(3))
+    with pytest.raises(JaxUnlearnError, match="need at least 2 reference models"):
+        mia(a, a, a[:1], a, np.arange(3))

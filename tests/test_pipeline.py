@@ -7,7 +7,7 @@ import pytest
 
 from jaxunlearn.cli import main
 from jaxunlearn.compile_cache import resolve_cache_dir
-from jaxunlearn.metrics import mia
+from jaxunlearn.metrics import klom, klom_groups, klom_summary, mia
 from jaxunlearn.unlearning import ALL_METHODS
 
 
@@ -133,6 +133,20 @@ def test_evaluate_command_scores_margins_against_an_oracle_run(demo, capsys):
     none = next(r["klom"] for r in res["results"] if r["forget_set"] == "random:100" and r["method"] == "none")
     assert printed["forget"] > 1.0 and set(printed) == {"forget", "retain", "val", "mean"}
     assert printed["forget"] > none["forget"] * 0.5  # all 200 full models vs all 200 oracles: same ballpark
+    # exactly KLoM of those margins on the oracle run's groups: forget = its F, retain = the other training
+    # points, val = the test points after them
+    forget = np.asarray(res["forget_sets"]["random:100"])
+    oracle = np.load(os.path.join(out, "oracle-random-100", "margins.npy"))
+    full = np.load(os.path.join(out, "full", "margins.npy"))
+    want = klom_summary(klom(oracle, full), {"forget": forget, "retain": np.setdiff1d(np.arange(1437), forget),
+                                              "val": np.arange(1437, 1797)})
+    assert printed == pytest.approx(want, rel=1e-6)
+    assert main(["evaluate", "--oracle", os.path.join(out, "oracle-random-100"), "--margins",
+                 os.path.join(out, "full", "margins.npy"), "--klom-binning", "reference",
+                 "--klom-direction", "unlearned||oracle"]) == 0  # both settings reach the computation
+    ref = klom_summary(klom(oracle, full, direction="unlearned||oracle", binning="reference"),
+                       klom_groups(forget, 1437, 360))
+    assert json.loads(capsys.readouterr().out)["klom"] == pytest.approx(ref, rel=1e-6) and ref != want
     assert np.load(os.path.join(out, "full", "masks.npy")).all()
     assert main(["evaluate", "--oracle", os.path.join(out, "full"), "--margins", os.path.join(out, "full", "margins.npy")]) == 2
     assert "is not an oracle run" in capsys.readouterr().err

@@ -144,8 +144,11 @@ def test_sd_loss_value_and_gradient_match_numpy_and_finite_differences():
     assert bool(jnp.all(g0 == 0))
     # λ = 0 is exactly the cross-entropy
     zz = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
-    assert float(training_loss(zz, jnp.array([0, 1, 2]), 4)) == float(
-        training_loss(zz, jnp.array([0, 1, 2]), 4, 0.0, 0.0))
+    import optax
+
+    plain = float(optax.softmax_cross_entropy_with_integer_labels(zz, jnp.array([0, 1, 2])).mean())
+    assert float(training_loss(zz, jnp.array([0, 1, 2]), 4, 0.0, 0.0)) == pytest.approx(plain, rel=1e-6)
+    assert float(training_loss(zz, jnp.array([0, 1, 2]), 4, 0.0, 1.0)) > plain  # λ > 0 adds the penalty
 
 
 def test_sd_loss_in_training_shrinks_the_logit_spread(digits):

@@ -10,7 +10,6 @@ unlearning is indistinguishable from the oracle: AUC 0.5, TPR at 1 % FPR ≈ 0.0
 """
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +52,10 @@ def mia(target_margins, heldout_margins, in_margins, out_margins, points) -> dic
     Returns {"auc", "tpr_at_1pct_fpr"}.
     """
     arrs = [np.asarray(a, np.float32) for a in (target_margins, heldout_margins, in_margins, out_margins)]
-    chex.assert_rank(arrs, 2)
-    chex.assert_equal_shape_suffix(arrs, 1)
+    n = arrs[0].shape[-1] if arrs[0].ndim else 0
+    if any(a.ndim != 2 or a.shape[1] != n for a in arrs):
+        raise JaxUnlearnError(f"MIA: every margins array must be [models, {n}] (the same points), got "
+                              f"{[a.shape for a in arrs]}")
     points = np.asarray(points)
     if points.size == 0:
         raise JaxUnlearnError("MIA: no points to attack")
