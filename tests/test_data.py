@@ -108,6 +108,10 @@ def test_augment_translates_and_flips_per_example():
     y = augment(x, key, crop_pad=0, flip=True)
     for i in range(2):  # each example is either itself or its mirror image
         assert jnp.array_equal(y[i], x[i]) or jnp.array_equal(y[i], x[i, :, ::-1])
+    flipped = np.array([[bool(jnp.array_equal(augment(x, jax.random.key(s), crop_pad=0, flip=True)[i], x[i, :, ::-1]))
+                         for i in range(2)] for s in range(20)])
+    assert flipped.any(0).all() and (~flipped).any(0).all()  # both outcomes happen for each example...
+    assert (flipped[:, 0] != flipped[:, 1]).any()  # ...drawn per example, not once for the batch
     ys = jnp.stack([augment(x, jax.random.key(s), crop_pad=1) for s in range(20)])
     assert jnp.all(jnp.sum(ys == 0, axis=(2, 3, 4)) <= 7)  # at most one padded row + column
     assert len({tuple(np.asarray(y[0]).ravel()) for y in ys}) > 3  # different shifts per key

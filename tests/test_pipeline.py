@@ -7,6 +7,7 @@ import pytest
 
 from jaxunlearn.cli import main
 from jaxunlearn.compile_cache import resolve_cache_dir
+from jaxunlearn.data import load_digits
 from jaxunlearn.metrics import klom, klom_groups, klom_summary, mia
 from jaxunlearn.unlearning import ALL_METHODS
 
@@ -40,6 +41,17 @@ def test_demo_writes_the_documented_results(demo):
             assert set(r["mia"]) == {"auc", "tpr_at_1pct_fpr"} and 0 <= r["mia"]["auc"] <= 1
             assert 0 <= r["compute_fraction"] < 1
         assert rows["none"]["compute_fraction"] == 0 and rows["dmm"]["compute_fraction"] > 0
+        # the accuracy columns from their definitions: gaps to the held-out oracles, ToW their product, and the
+        # "none" row's accuracies those of full models 0..99 on their own logits
+        ref = res["oracle_accuracy"][spec]
+        for r in rows.values():
+            assert r["accuracy_gap"] == pytest.approx({g: abs(r["accuracy"][g] - ref[g]) for g in ref}, abs=1e-12)
+            assert r["tow"] == pytest.approx(np.prod([1 - v for v in r["accuracy_gap"].values()]), rel=1e-12)
+        forget = np.asarray(res["forget_sets"][spec])
+        correct = np.load(os.path.join(out, "full", "logits.npy"))[:100].argmax(-1) == load_digits().all_labels
+        assert rows["none"]["accuracy"] == pytest.approx(
+            {"forget": correct[:, forget].mean(), "retain": correct[:, np.setdiff1d(np.arange(1437), forget)].mean(),
+             "test": correct[:, 1437:].mean()}, abs=1e-12)
         assert rows["dmm"]["estimator"] == rows["dm-direct"]["estimator"] == "influence"
     # the job's start-up record: the suite's cache folder is warm or cold, but the counts add up
     c = res["compile"]

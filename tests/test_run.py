@@ -159,6 +159,26 @@ def test_bad_files_and_out_paths_give_one_clear_line(tmp_path, capsys):
         assert not (tmp_path / "o").exists() and afile.read_text() == "not a folder"
 
 
+def test_train_command_builds_oracles_and_alpha_subsets_as_asked(tmp_path, capsys):
+    base = ["train", "--dataset", "digits", "--recipe", "digits-mlp", "--models", "2", "--epochs", "1", "--no-progress"]
+    oracle = tmp_path / "oracle"
+    assert main([*base, "--forget-idx", "1,5,9", "--out", str(oracle)]) == 0
+    masks = np.load(oracle / "masks.npy")
+    assert masks.shape == (2, 1437) and not masks[:, [1, 5, 9]].any() and (masks.sum(1) == 1434).all()
+    assert json.load(open(oracle / "config.json"))["run"]["forget"] == [1, 5, 9]
+    capsys.readouterr()
+    assert main(["evaluate", "--oracle", str(oracle), "--margins", str(oracle / "margins.npy")]) == 0
+    assert set(json.loads(capsys.readouterr().out)["klom"]) == {"forget", "retain", "val", "mean"}
+    subsets = {}
+    for seed in ("4", "5"):
+        out = tmp_path / f"alpha-{seed}"
+        assert main([*base, "--alpha", "0.3", "--seed", seed, "--out", str(out)]) == 0
+        subsets[seed] = np.load(out / "masks.npy")
+        assert (subsets[seed].sum(1) == round(0.3 * 1437)).all()  # each model: round(α·n) points
+        assert (subsets[seed][0] != subsets[seed][1]).any()  # models draw their own subsets
+    assert (subsets["4"] != subsets["5"]).any()  # and the seed moves them
+
+
 def test_a_run_that_diverges_leaves_nothing_behind(tmp_path, capsys):
     out = tmp_path / "run"
     (tmp_path / "huge_lr.json").write_text(json.dumps({**RECIPES["digits-mlp"].to_dict(), "peak_lr": 1e30}))
@@ -459,6 +479,10 @@ def test_short_last_chunk_is_padded_into_the_same_program(reference_run, tmp_pat
     # programs this call needed beyond those already in memory: never one for the short chunk's shape
     # (compiled or read from the suite's cache folder, which the CLI took from JAXUNLEARN_CACHE_DIR)
     assert summary["compile"]["programs"] <= 5, summary["compile"]
+    names = [n.replace(" (stored)", "").replace("jit(", "").rstrip(")") for n in summary["compile"]["names"]]
+    # each of the run's three programs once (stored or compiled): a second shape for the short chunk would
+    # add another "epoch"
+    assert sorted(names) == ["epoch", "init_models", "outputs"], names
     assert summary["compile"]["cache_dir"] == os.environ["JAXUNLEARN_CACHE_DIR"], summary["compile"]
 
 

@@ -209,6 +209,13 @@ def test_unrolling_command_smoke_and_resume(tmp_path, capsys):
         assert len(c["unlearning_error"]) == 2 and all(u > 0 for u in c["unlearning_error"])
     corr = res["summary"]["correlation_unlearning_vs_verification"]["single-gradient"]
     assert corr["n"] == 4 and -1 <= corr["pearson"] <= 1 and -1 <= corr["spearman"] <= 1
+    # the correlation of exactly those 4 (unlearning error, verification error) pairs, recomputed
+    from scipy import stats
+
+    u = np.concatenate([c["unlearning_error"] for c in cells])
+    v = np.concatenate([c["verification_error"]["single-gradient"] for c in cells])
+    assert corr["pearson"] == pytest.approx(np.corrcoef(u, v)[0, 1], rel=1e-6, abs=1e-9)
+    assert corr["spearman"] == pytest.approx(stats.spearmanr(u, v).statistic, rel=1e-6, abs=1e-9)
     assert set(res["summary"]["sd_loss"]) == {"20.0"}
     for png in ("unlearning_vs_verification.png", "sd_loss.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
