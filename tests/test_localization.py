@@ -132,6 +132,18 @@ def test_memorization_mask_is_dels_weighted_by_memorization(mlps):
     assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(varied), jax.tree.leaves(dels)))
 
 
+def test_random_mask_draws_whole_channels_anew_for_each_key(mlps):
+    tr, states, data, _ = mlps
+    p, s = one(states.params), one(states.batch_stats)
+    draw = lambda k: get_mask("random")(p, s, data, jnp.asarray(FORGET), jax.random.key(k), MaskConfig())[0]  # noqa: E731
+    a, b = draw(0), draw(1)
+    assert any(bool(jnp.any(x != y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    jax.tree.map(np.testing.assert_array_equal, a, draw(0))  # a key is a draw
+    partial = sum(int(((m.mean(0) > 0) & (m.mean(0) < 1)).sum()) for m in map(np.asarray, jax.tree.leaves(a))
+                  if m.ndim == 2)
+    assert partial <= 1  # whole output channels (but the one the fraction cuts through)
+
+
 def test_del_mask_groups_whole_output_channels(mlps):
     tr, states, data, _ = mlps
     p = one(states.params)

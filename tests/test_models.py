@@ -170,6 +170,22 @@ def test_resnet9_is_the_paper_model():
     assert n == convs + bn + 128 * 10 == 2_274_880  # head: 128x10, no bias
 
 
+def test_resnet18_is_the_cifar_resnet18_of_the_unlearning_papers_code():
+    # kuangliu's CIFAR ResNet-18 (DEL's and SalUn's code): 3x3 stem, BasicBlocks [2, 2, 2, 2] of 64-512
+    # channels, 1x1 projection shortcuts where the shape changes, convs without bias, linear head with bias
+    m = make_model("resnet18", 10, 1.0)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+
+    def block(cin, cout):
+        short = cin * cout + 2 * cout if cin != cout else 0
+        return 9 * cin * cout + 2 * cout + 9 * cout * cout + 2 * cout + short
+
+    widths = [64, 64, 128, 128, 256, 256, 512, 512]
+    blocks = sum(block(cin, cout) for cin, cout in zip([64] + widths[:-1], widths))
+    assert n == 27 * 64 + 2 * 64 + blocks + 512 * 10 + 10 == 11_173_962
+
+
 def test_bad_model_names():
     with pytest.raises(JaxUnlearnError, match="unknown model 'transformer'"):
         make_model("transformer", 10)
