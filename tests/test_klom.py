@@ -1,6 +1,7 @@
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,6 +60,12 @@ def test_klom_summary_and_errors():
         klom(jnp.zeros((5, 3)), jnp.full((5, 3), jnp.nan))
     with pytest.raises(JaxUnlearnError, match="NaN"):  # the public per-point function too
         binned_kl(jnp.zeros((5, 3)), jnp.full((5, 3), jnp.nan))
+    # ...which still runs inside a user's jit / vmap (values cannot be checked there; shapes and bins are)
+    p = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+    direct = np.asarray(binned_kl(p, p + 1.0))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda a: binned_kl(a, a + 1.0))(p)), direct, rtol=1e-6)
+    per_point = jax.vmap(lambda col: binned_kl(col[:, None], col[:, None] + 1.0, eps=jnp.float32(1e-5)), 1)(p)
+    np.testing.assert_allclose(np.asarray(per_point)[:, 0], direct, rtol=1e-6)
     with pytest.raises(JaxUnlearnError, match="need at least one model on each side, got 0 oracle"):
         klom(jnp.zeros((0, 3)), jnp.zeros((5, 3)))
     for kw, msg in [({"bins": 0}, "bins must be a positive integer"), ({"eps": 0.0}, "eps must be a finite number > 0"),

@@ -189,6 +189,30 @@ def test_a_run_that_diverges_leaves_nothing_behind(tmp_path, capsys):
     assert main([*argv, "--recipe", "digits-mlp"]) == 0
 
 
+def test_a_diverged_run_is_removed_only_when_nothing_else_is_in_it(tmp_path):
+    from jaxunlearn.training.run import _drop_untrained_run
+
+    mine = {"run": {"models": 2}, "format": 1}
+    out, chunks = tmp_path / "run", tmp_path / "run" / "chunks"
+
+    def make(config):
+        chunks.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config))
+        np.save(out / "masks.npy", np.ones((2, 3), bool))
+
+    make(mine)
+    (chunks / ".tmp-00001-other").mkdir()  # another process is writing a chunk of this run
+    _drop_untrained_run(str(out), str(chunks), True, mine)
+    assert (out / "config.json").exists() and (chunks / ".tmp-00001-other").exists()
+    (chunks / ".tmp-00001-other").rmdir()
+    make({"run": {"models": 3}, "format": 1})  # config.json is not this process's run
+    _drop_untrained_run(str(out), str(chunks), True, mine)
+    assert (out / "config.json").exists() and (out / "masks.npy").exists() and chunks.exists()
+    make(mine)  # nothing but what this process wrote: all of it goes, the folder too
+    _drop_untrained_run(str(out), str(chunks), True, mine)
+    assert not out.exists()
+
+
 def test_out_folder_with_a_different_run_is_refused_untouched(reference_run, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(reference_run, out)

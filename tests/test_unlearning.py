@@ -2,11 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, train_ensemble
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning import MatchingConfig, UnlearnData, dm_direct, forget_effect, oracle_matching, unlearn_ensemble
+from jaxunlearn.unlearning.finetune import SGDConfig
 from jaxunlearn.unlearning.gd import GDConfig
 
 K = 8
@@ -90,10 +92,18 @@ def test_unlearn_ensemble_rejects_bad_inputs(ensemble, digits):
                      (MatchingConfig(epochs=0), "epochs must be positive"),
                      (MatchingConfig(batch_size=-1), "batch_size must be positive"),
                      (GDConfig(), "GDConfig is not a config of this method; it takes OracleMatchingConfig or DMMConfig"),
+                     (SGDConfig(), "SGDConfig is not a config of this method"),  # a base lacking the fields
                      (None, "config must be a method's config instance")]:
         with pytest.raises(JaxUnlearnError, match=msg):
             unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, np.arange(3),
                              np.arange(3, 10), logits, keys, bad)
+
+    class MyMatching(MatchingConfig):  # a user's own config: the method's fields plus one of theirs
+        note: str | None = struct.field(pytree_node=False, default=None)
+
+    p, _, cost = unlearn_ensemble(oracle_matching, states.params, states.batch_stats, data, np.arange(3),
+                                  np.arange(3, 10), logits, keys, MyMatching(epochs=1, note="mine"))
+    assert cost.shape == (K,)
 
 
 def test_dm_direct_subtracts_the_forget_weights():

@@ -304,6 +304,11 @@ def fit_lasso(masks, outputs, num_lambdas: int = 8, iters: int = 200, val_fracti
     chosen on held-out models; the path is then re-run on all models up to each target's λ.
     One compiled program for the whole fit (it holds the path's weights, f32[num_lambdas, T, n])."""
     x, y = check_fit_inputs(masks, outputs)
+    return _lasso(x, y, num_lambdas, iters, val_fraction, seed)
+
+
+def _lasso(x, y, num_lambdas: int = 8, iters: int = 200, val_fraction: float = 0.1, seed: int = 0) -> Datamodels:
+    """:func:`fit_lasso` of checked masks x f32[M, n] and outputs y f32[M, T]."""
     _check_fit_settings("lasso", val_fraction, iters=iters, num_lambdas=num_lambdas)
     m = x.shape[0]
     nv = max(1, int(round(val_fraction * m)))
@@ -330,9 +335,13 @@ def lasso_forget_effect(masks, outputs, forget_idx, iters: int = 200, seed: int 
     f = check_indices(forget_idx, n)
     _check_fit_settings("lasso", chunk=chunk)
     t_total = int(np.shape(outputs)[1])
+    x = check_masks(masks)  # once, not per chunk
+    _check_models(x.shape[0], np.shape(outputs)[0], "lasso")
     out = np.zeros(t_total, np.float32)
     for start in range(0, t_total, chunk):
-        dm = fit_lasso(masks, np.asarray(outputs[:, start:start + chunk]), iters=iters, seed=seed, **kw)
+        y = jnp.asarray(np.asarray(outputs[:, start:start + chunk]), jnp.float32)
+        _check_finite(y, "lasso")
+        dm = _lasso(x, y, iters=iters, seed=seed, **kw)
         out[start:start + chunk] = np.asarray(dm.weights[:, f].sum(1))
     return out
 

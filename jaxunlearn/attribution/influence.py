@@ -172,9 +172,9 @@ def influence_lds(masks_fit, outputs_fit, masks_val, outputs_val, thresholds=DEF
     taus = jnp.asarray(thresholds, jnp.float32)
     # predictions are centred on the fit means; Spearman is shift-invariant per target
     xv_c = _centred_on(xv, x)
-    parts = [np.asarray(_lds_per_threshold(d, xv_c, y[:, i:i + chunk], yv[:, i:i + chunk], s, taus))
-             for i in range(0, y.shape[1], chunk)]
-    return np.nanmean(np.concatenate(parts, axis=1), axis=1).astype(np.float32)
+    parts = [_lds_per_threshold(d, xv_c, y[:, i:i + chunk], yv[:, i:i + chunk], s, taus)
+             for i in range(0, y.shape[1], chunk)]  # every chunk dispatched before the first is read back
+    return np.nanmean(np.concatenate([np.asarray(p) for p in parts], axis=1), axis=1).astype(np.float32)
 
 
 @jax.jit

@@ -47,12 +47,17 @@ def _check_samples(p_samples, q_samples, bins, eps, clip, what: str = "KLoM", na
                               f"{q.shape[0]} {names[1]} models")
     if p.shape[1] != q.shape[1]:
         raise JaxUnlearnError(f"{what}: {names[0]} margins cover {p.shape[1]} points, {names[1]} {q.shape[1]}")
-    if not all_finite(p, q):
+    # inside jit / vmap (binned_kl is a per-point function a user may trace) only what is static is checked
+    traced = lambda v: isinstance(v, jax.core.Tracer)  # noqa: E731
+    if not (traced(p) or traced(q)) and not all_finite(p, q):
         raise JaxUnlearnError(f"{what}: margins contain NaN or inf")
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
         raise JaxUnlearnError(f"{what}: bins must be a positive integer, got {bins!r}")
     for name, v in (("eps", eps), ("clip", clip)):
-        if not (isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v) and v > 0):
+        if traced(v):
+            continue
+        a = np.asarray(v)
+        if a.ndim or not (np.issubdtype(a.dtype, np.number) and np.isfinite(a) and a > 0):
             raise JaxUnlearnError(f"{what}: {name} must be a finite number > 0, got {v!r}")
     return p, q
 

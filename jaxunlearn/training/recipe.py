@@ -116,9 +116,12 @@ def default_recipe(dataset: str, model: str | None = None) -> str:
 
 
 def recipe_from_fields(fields: dict, where: str = "recipe") -> Recipe:
-    unknown = set(fields) - {f.name for f in dataclasses.fields(Recipe)}
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(Recipe)}
+    unknown = set(fields) - set(kinds)
     if unknown:
         raise JaxUnlearnError(f"{where}: unknown fields {sorted(unknown)}")
+    # JSON's 24.0 for an integer field is 24 (as make_config reads method hyperparameters); 24.5 stays an error
+    fields = {k: int(v) if kinds[k] is int and isinstance(v, float) and v.is_integer() else v for k, v in fields.items()}
     return Recipe(**fields).validate()
 
 

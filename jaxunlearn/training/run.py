@@ -150,18 +150,24 @@ def balanced_chunk(models: int, chunk: int, multiple: int = 1) -> int:
     return min(chunk, -(-per // multiple) * multiple)
 
 
-def _drop_untrained_run(out: str, chunks_dir: str, created_out: bool) -> None:
-    """Removes a run that has no finished chunk (config.json, masks.npy, chunks/, and ``out`` itself
-    if this process created it), so that the same ``--out`` can take a corrected config; a run with
-    any finished chunk is kept."""
-    if any(not n.startswith(".") for n in os.listdir(chunks_dir)):
+def _drop_untrained_run(out: str, chunks_dir: str, created_out: bool, run_dict: dict) -> None:
+    """Removes the run this process created (its config.json, masks.npy, an empty chunks/, and ``out``
+    itself if this process made it) when nothing else is in it yet, so that the same ``--out`` can
+    take a corrected config. Anything another process may have added (a chunk, finished or half
+    written, or another config.json) keeps the run as it is."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            if json.load(f) != json.loads(json.dumps(run_dict)):
+                return
+        os.rmdir(chunks_dir)  # fails unless empty: another process's chunk, even a half-written one, stays
+    except (OSError, ValueError):
         return
-    shutil.rmtree(chunks_dir, ignore_errors=True)
     for name in ("config.json", "masks.npy"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
-    if created_out and not os.listdir(out):
-        os.rmdir(out)
+    if created_out:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)  # only if empty
 
 
 def _check_out(out: str, cfg_dict: dict) -> bool:
@@ -460,7 +466,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     created_out = not os.path.exists(out)
     make_folder(out)
     # config.json first: the folder is a run from here on, and its layout is the run's
-    if not resuming and not _create_json_once(os.path.join(out, "config.json"), run_dict):
+    created_run = not resuming and _create_json_once(os.path.join(out, "config.json"), run_dict)
+    if not resuming and not created_run:
         _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
@@ -521,8 +528,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                     states.params, states.batch_stats, all_images, all_labels))
                 saving.result()
             if not np.all(np.isfinite(logits)):
-                if worker is None and not resuming:  # a run this process began: no folder to clear by hand
-                    _drop_untrained_run(out, chunks_dir, created_out)
+                if worker is None and created_run:  # a run this process created alone: no folder to clear by hand
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    _drop_untrained_run(out, chunks_dir, created_out, run_dict)
                 raise JaxUnlearnError(f"chunk {c}: training diverged (NaN/inf logits); lower the learning rate")
             if _finish_chunk(tmp, final, {"logits": logits, "margins": margins, "correct": correct}, ids,
                              {"models": ids.tolist(), "seconds": time.time() - tc}):

@@ -104,7 +104,8 @@ def _checked_value(name: str, k: str, kind: type, v):
         if not ok:
             raise JaxUnlearnError(f"{name}: {k} must be an integer, got {v!r}")
         v = int(float(v))
-        if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{name}" not in ZERO_ALLOWED and v == 0):
+        base = name.split("@")[0]  # METHOD@MASK: the method's own rules
+        if v < 0 or (k not in ZERO_ALLOWED and f"{k}@{base}" not in ZERO_ALLOWED and v == 0):
             raise JaxUnlearnError(f"{name}: {k} must be positive, got {v}")
         return v
     try:
@@ -138,13 +139,17 @@ def check_config(config, method: Callable | None = None) -> None:
         raise JaxUnlearnError(f"config must be a method's config instance (e.g. GDConfig(...) or "
                               f"make_config('gd', ...)), got {type(config).__name__}")
     cls = type(config)
+    names = {f.name for f in dataclasses.fields(config)}
     expected = [m.config for m in METHODS.values() if m.fn is method]
-    if expected and not any(isinstance(config, c) or issubclass(c, cls) for c in expected):
+    # a config of the method's class, a subclass, or any class with all of its fields (MatchingConfig for OM)
+    if expected and not any({f.name for f in dataclasses.fields(c)} <= names for c in expected):
         raise JaxUnlearnError(f"{cls.__name__} is not a config of this method; it takes "
                               f"{' or '.join(c.__name__ for c in expected)}")
-    owner = cls if cls in {m.config for m in METHODS.values()} else cls.__bases__[0]
-    name = next((n for n, m in METHODS.items() if m.config is owner), cls.__name__)
+    registered = {m.config: n for n, m in METHODS.items()}
+    name = next((registered[c] for c in cls.__mro__ if c in registered), cls.__name__)  # whose rules apply
     for f in dataclasses.fields(config):
+        if f.default is dataclasses.MISSING or f.default is None:
+            continue  # no kind to hold it to (a field of a user's own config class)
         kind = type(f.default)
         value = getattr(config, f.name)
         for v in (np.ravel(np.asarray(value)) if kind is not str else [value]):
