@@ -80,6 +80,8 @@ def test_klom_summary_and_errors():
         klom_groups(np.array([], int), 10, 5)
     with pytest.raises(JaxUnlearnError, match=r"labels must be integers in \[0, 3\)"):
         margins_from_logits(jnp.zeros((2, 4, 3)), jnp.array([0, 1, 2, 3]))
+    with pytest.raises(JaxUnlearnError, match=r"logits must be \[..., n, C\] and labels \[n\], got \(2, 4, 3\) and \(5,\)"):
+        margins_from_logits(jnp.zeros((2, 4, 3)), jnp.array([0, 1, 2, 0, 1]))
 
 
 # --- the benchmark's own binning, on real margins -------------------------------------------------

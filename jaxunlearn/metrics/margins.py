@@ -12,6 +12,9 @@ from jaxunlearn.errors import JaxUnlearnError
 def margins_from_logits(logits, labels):
     """logits: f32[..., n, C], labels: i32[n] -> f32[..., n]. Concrete labels are checked to be
     class indices of the logits (inside a traced function they cannot be, and are not)."""
+    if np.ndim(labels) != 1 or np.ndim(logits) < 2 or np.shape(logits)[-2] != np.shape(labels)[0]:
+        raise JaxUnlearnError(f"margins: logits must be [..., n, C] and labels [n], got {np.shape(logits)} and "
+                              f"{np.shape(labels)}")
     if not isinstance(labels, jax.core.Tracer):
         lab = np.asarray(labels)
         if lab.size and (not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= np.shape(logits)[-1]):
