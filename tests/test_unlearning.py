@@ -120,3 +120,52 @@ def test_dm_direct_subtracts_the_forget_weights():
         dm_direct(full, w, np.array([20]))
     with pytest.raises(JaxUnlearnError, match="do not match the datamodels"):
         dm_direct(full[:, :5], w, f)
+
+
+def test_a_users_own_flax_models_edge_cases(digits):
+    """What a JAX user's own module brings: custom module names (DEL's train_head finds the classifier by its
+    C-wide output, not by dict order, which JAX sorts), Dropout, another state collection, and an init or
+    memorization of the wrong form, each a clear error."""
+    from flax import linen as nn
+
+    from jaxunlearn.models import flax_apply
+    from jaxunlearn.unlearning import get_method, make_config
+
+    class Named(nn.Module):  # sorted keys put "features" after "classifier": dict order cannot tell the head
+        drop: float = 0.0
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.Dense(32, name="features")(x.reshape(len(x), -1)))
+            return nn.Dense(10, name="classifier")(nn.Dropout(self.drop, deterministic=not train)(x))
+
+    x, y = jnp.asarray(digits.train_images[:200], jnp.float32) / 16.0, jnp.asarray(digits.train_labels[:200])
+    keys = jax.random.split(jax.random.key(0), 2)
+    init = lambda k: (Named().init(k, x[:1])["params"], {})  # noqa: E731
+    params = jax.vmap(lambda k: init(k)[0])(keys)
+    data = UnlearnData(x, y, flax_apply(Named()), init=init)
+    forget, retain = np.arange(10), np.arange(10, 200)
+    run = lambda d, cfg, m="del": unlearn_ensemble(get_method(m).fn, params, {}, d, forget, retain, None,  # noqa: E731
+                                                   keys, cfg)
+    cfg = make_config("del", epochs=1, batch_size=32, train_head=1, lr=0.1)
+    p, _, _ = run(data, cfg)
+    moved = lambda q, leaf: float(jnp.mean(q["classifier"][leaf] != params["classifier"][leaf]))  # noqa: E731
+    p0, _, _ = run(data, make_config("del", epochs=1, batch_size=32, lr=0.1))  # without train_head
+    assert moved(p, "bias") == 1.0 and moved(p, "kernel") > 0.9  # the head trained whole...
+    assert moved(p0, "kernel") < moved(p, "kernel")  # ...where the mask alone leaves some of it fixed
+    p2, _, _ = run(data, make_config("del", epochs=1, batch_size=32, train_head=1, lr=0.1, head="classifier"))
+    jax.tree.map(np.testing.assert_array_equal, p2, p)  # naming it picks the same module
+    with pytest.raises(JaxUnlearnError, match="no top-level module 'head'"):
+        run(data, make_config("del", epochs=1, batch_size=32, train_head=1, head="head"))
+    # init of the wrong form, memorization of the wrong length: said at the boundary, with the fix
+    with pytest.raises(JaxUnlearnError, match=r"init must be key -> \(params, model_state\) of ONE model"):
+        run(data.replace(init=lambda k: Named().init(k, x[:1])), cfg)
+    with pytest.raises(JaxUnlearnError, match=r"memorization must be f32\[n_train=200\]"):
+        run(data.replace(memorization=jnp.ones(5)), make_config("ga@memorization", epochs=1), "ga@memorization")
+    # Dropout: the methods' apply has no key; flax_apply draws one per batch when told which stream
+    drop = data.replace(apply=flax_apply(Named(0.5)))
+    with pytest.raises(JaxUnlearnError, match=r"rng_collections=\('dropout',\)"):
+        run(drop, make_config("ga", epochs=1, batch_size=16), "ga")
+    p3, _, cost = run(drop.replace(apply=flax_apply(Named(0.5), rng_collections=("dropout",))),
+                      make_config("ga", epochs=1, batch_size=16), "ga")
+    assert bool(jnp.all(jnp.isfinite(p3["classifier"]["kernel"]))) and np.all(np.asarray(cost) == 10)  # |F| a step

@@ -54,6 +54,36 @@ def _num_classes(params, model_state, data: UnlearnData) -> int:
     return int(logits.shape[-1])
 
 
+def _check_optional_data(params, model_state, data: UnlearnData, n: int) -> None:
+    """``init`` returns (params, model_state) of one model; ``memorization`` is f32[n_train], finite;
+    ``update_mask`` has one bool per weight of one model (every model gets it)."""
+    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+    if data.init is not None:
+        want = "init must be key -> (params, model_state) of ONE model, e.g. lambda k: (lambda v: (v['params'], " \
+               "v.get('batch_stats', {})))(module.init(k, x))"
+        try:
+            got = jax.eval_shape(data.init, jax.random.key(0))
+        except Exception as e:  # noqa: BLE001 (whatever the user's function raises, said with what it must be)
+            raise JaxUnlearnError(f"UnlearnData.init failed on a key ({type(e).__name__}: {e}); {want}") from None
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise JaxUnlearnError(f"UnlearnData.init returned {type(got).__name__}, not a pair; {want}")
+        if shapes(got[0]) != shapes(one(params)):
+            raise JaxUnlearnError(f"UnlearnData.init's params do not match the models' (one model: their leaves "
+                                  f"without the K axis); {want}")
+    if data.memorization is not None:
+        if np.shape(data.memorization) != (n,):
+            raise JaxUnlearnError(f"UnlearnData.memorization must be f32[n_train={n}], got shape "
+                                  f"{np.shape(data.memorization)}")
+        if not all_finite(data.memorization):
+            raise JaxUnlearnError("UnlearnData.memorization contains NaN or inf")
+    if data.update_mask is not None:
+        if jax.tree.structure(data.update_mask) != jax.tree.structure(params) or \
+                shapes(data.update_mask) != shapes(one(params)):
+            raise JaxUnlearnError("UnlearnData.update_mask must be a pytree of bools like one model's params "
+                                  "(without the K axis)")
+
+
 def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targets, keys=None, model_state=None):
     """The checks every method's inputs pass before anything is compiled: the index sets (integers,
     in range, unique, non-empty, disjoint), the data (one integer label in [0, C) per image), the
@@ -76,6 +106,7 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
     if any(x.shape[0] != k for x in leaves) or (keys is not None and keys.shape[0] != k):
         sizes = sorted({x.shape[0] for x in leaves} | ({keys.shape[0]} if keys is not None else set()))
         raise JaxUnlearnError(f"params, model_state and keys must share their leading (models) axis; got sizes {sizes}")
+    _check_optional_data(params, model_state, data, n)
     c = _num_classes(params, model_state, data)
     labels = np.asarray(data.labels)
     if labels.min() < 0 or labels.max() >= c:

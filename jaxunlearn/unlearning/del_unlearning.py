@@ -8,14 +8,16 @@ updated: SGD momentum 0.9, no weight decay, cosine annealing per epoch to 0.01 Â
 (``CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr)``, stepped once per epoch). CIFAR-10 /
 ResNet-18: lr 0.015, 30 epochs, batch 128 (the defaults); SVHN / ViT: lr 0.05.
 
-``train_head=1`` also trains the whole classifier (their ``update_layers=critical_fc``; the head is
-the last top-level module of the params). Needs ``data.init`` (the model's initialiser).
+``train_head=1`` also trains the whole classifier (their ``update_layers=critical_fc``): the top-level
+module of the params with the logits' width C (``head=NAME`` names it where that is ambiguous; the
+order of a params dict cannot tell, since JAX rebuilds dicts with sorted keys). Needs ``data.init`` (the model's initialiser).
 Cost: one gradient per forget point (the mask) + the fine-tuning's examples.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
@@ -32,6 +34,7 @@ class DELConfig(SGDConfig, MaskConfig):
     batch_size: int = struct.field(pytree_node=False, default=128)
     retain_per_epoch: int = struct.field(pytree_node=False, default=0)  # 0: the whole retain set
     train_head: int = struct.field(pytree_node=False, default=0)  # 1: the classifier is trained whole
+    head: str = struct.field(pytree_node=False, default="")  # the classifier's module ("": the one C wide)
 
 
 def reset_to_fresh(params, mask, init, key):
@@ -40,11 +43,24 @@ def reset_to_fresh(params, mask, init, key):
     return select_update(jax.tree.map(lambda f, p: f.astype(p.dtype), fresh, params), params, mask)
 
 
-def with_head(mask):
-    """``mask`` with every weight of the last top-level module (the classifier) allowed."""
-    if not isinstance(mask, dict) or not mask:
+def classifier_module(params, num_classes: int, name: str = "") -> str:
+    """The top-level module of ``params`` that is the classifier: ``name``, or else the only one with a
+    leaf C = ``num_classes`` wide on its last axis (the head's kernel [D, C] and bias [C])."""
+    if not isinstance(params, dict) or not params:
         raise JaxUnlearnError("train_head needs params as a dict of modules (flax's layout)")
-    head = list(mask)[-1]
+    if name:
+        if name not in params:
+            raise JaxUnlearnError(f"train_head: no top-level module {name!r}; the params have {', '.join(params)}")
+        return name
+    found = [k for k, sub in params.items() if any(np.shape(x)[-1:] == (num_classes,) for x in jax.tree.leaves(sub))]
+    if len(found) != 1:
+        raise JaxUnlearnError(f"train_head: cannot tell the classifier by its {num_classes}-wide output among the "
+                              f"top-level modules ({', '.join(found) or 'none is'}); name it with head=NAME")
+    return found[0]
+
+
+def with_head(mask, head: str):
+    """``mask`` with every weight of top-level module ``head`` (the classifier) allowed."""
     return {**mask, head: jax.tree.map(jnp.ones_like, mask[head])}
 
 
@@ -66,7 +82,12 @@ def del_unlearning(params, model_state, data, forget_idx, retain_idx, targets, k
     k_mask, k_init, k_tune = jax.random.split(key, 3)
     mask, mask_cost = del_mask(params, model_state, data, forget_idx, k_mask, config)
     params = reset_to_fresh(params, mask, data.init, k_init)
-    update = with_head(mask) if config.train_head else mask
+    if config.train_head:
+        one = jax.ShapeDtypeStruct((1, *data.images.shape[1:]), data.images.dtype)
+        logits = jax.eval_shape(lambda p, s, x: data.apply(p, s, x, False)[0], params, model_state, one)
+        update = with_head(mask, classifier_module(params, logits.shape[-1], config.head))
+    else:
+        update = mask
     r = retain_count(config.retain_per_epoch, retain_idx.shape[0])
     steps = steps_for(r, config.batch_size)
     tx = sgd(config, config.epochs * steps, epoch_cosine(config.lr, config.lr_floor, config.epochs, steps))
