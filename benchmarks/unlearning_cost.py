@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     forget = make_forget_set(args.forget, ds.train_labels, seed=cfg.seed)
     retain = np.setdiff1d(np.arange(ds.n_train), forget)
-    data = UnlearnData(images, labels, trainer.apply_images)
+    data = UnlearnData(images, labels, trainer.apply_images, init=lambda key: tuple(trainer.init(key)[:2]))  # DEL
     own = fns.logits(states.params, states.batch_stats, images)
     keys = jax.random.split(jax.random.key(1), k)
     rows = []
