@@ -26,6 +26,11 @@ def all_finite(*arrays) -> bool:
     return not device or bool(_device_all_finite(device))
 
 
+def is_integer(v) -> bool:
+    """A Python or NumPy integer, not a bool (which Python counts as one)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def check_indices(idx, n: int, what: str = "forget set") -> np.ndarray:
     """int64[k] sorted unique indices in [0, n); raises on empty, out of range, or duplicates."""
     idx = np.asarray(idx)
@@ -54,7 +59,7 @@ def check_field_types(obj, what: str, skip=()) -> None:
         if kind is bool:
             return isinstance(v, (bool, np.bool_))
         if kind is int:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            return is_integer(v)
         if kind is float:
             return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
         return isinstance(v, kind)

@@ -14,7 +14,7 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import all_finite, check_indices
+from jaxunlearn.utils import all_finite, check_indices, is_integer
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -71,7 +71,7 @@ def _check_fit_settings(what: str, val_fraction: float | None = None, chunk: int
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise JaxUnlearnError(f"{what}: val_fraction must lie in (0, 1), got {val_fraction}")
     for name, v in (("chunk", chunk), ("iters", iters), ("num_lambdas", num_lambdas)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+        if v is not None and (not is_integer(v) or v < 1):
             raise JaxUnlearnError(f"{what}: {name} must be a positive integer, got {v!r}")
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import all_finite, check_indices
+from jaxunlearn.utils import all_finite, check_indices, is_integer
 
 
 @jax.jit
@@ -51,7 +51,7 @@ def _check_samples(p_samples, q_samples, bins, eps, clip, what: str = "KLoM", na
     traced = lambda v: isinstance(v, jax.core.Tracer)  # noqa: E731
     if not (traced(p) or traced(q)) and not all_finite(p, q):
         raise JaxUnlearnError(f"{what}: margins contain NaN or inf")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+    if not is_integer(bins) or bins < 1:
         raise JaxUnlearnError(f"{what}: bins must be a positive integer, got {bins!r}")
     for name, v in (("eps", eps), ("clip", clip)):
         if traced(v):
@@ -116,8 +116,12 @@ def _kl_from_counts(cp, cq, eps: float):
 def reference_binned_kl(p_samples, q_samples, bins: int = 20, eps: float = 1e-5, clip: float = 100.0):
     """KL(P ‖ Q) per point with data-unlearning-bench's binning (see module docstring).
     p_samples: f32[Kp, P], q_samples: f32[Kq, P] -> f64[P] (numpy)."""
-    p, q = _check_samples(p_samples, q_samples, bins, eps, clip, "binned KL", ("P", "Q"))
-    p, q, lo, hi = _clipped_range(p, q, clip)
+    return _reference_binned_kl(*_check_samples(p_samples, q_samples, bins, eps, clip, "binned KL", ("P", "Q")),
+                                bins, eps, clip)
+
+
+def _reference_binned_kl(p_samples, q_samples, bins: int, eps, clip):
+    p, q, lo, hi = _clipped_range(p_samples, q_samples, clip)
     # the edges exactly as np.linspace makes them from float32 ends (float32, last edge = hi)
     edges = np.linspace(np.asarray(lo), np.asarray(hi), bins + 1, axis=-1)
     cp, cq = _digitize_counts(p, q, jnp.asarray(edges), bins)
@@ -143,14 +147,14 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, eps: float = 1e-5, c
         raise JaxUnlearnError(f"KLoM: unknown binning {binning!r}; choose from {', '.join(BINNINGS)}")
     first, second = (o, u) if direction == "oracle||unlearned" else (u, o)
     if binning == "reference":
-        return reference_binned_kl(first, second, bins, eps, clip)
+        return _reference_binned_kl(first, second, bins, eps, clip)  # checked above, as klom's margins
     return _binned_kl(first, second, bins, eps, clip)
 
 
 def klom_groups(forget_idx, n_train: int, n_test: int) -> dict:
     """The point groups KLoM is reported on, as indices into [train points, then test points]."""
     for name, v in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        if not is_integer(v) or v < 0:
             raise JaxUnlearnError(f"KLoM groups: {name} must be an integer >= 0, got {v!r}")
     forget_idx = np.asarray(forget_idx)
     check_indices(forget_idx, n_train, "forget set")

@@ -5,13 +5,11 @@ import dataclasses
 import json
 import os
 
-import numpy as np
-
 from jaxunlearn.attribution.effects import ESTIMATORS
 from jaxunlearn.attribution.influence import DEFAULT_THRESHOLDS
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.unlearning.registry import ALL_METHODS, get_method, make_config
-from jaxunlearn.utils import check_field_types
+from jaxunlearn.utils import check_field_types, is_integer
 
 
 def _setting_value(key: str, value, current):
@@ -154,7 +152,7 @@ class PipelineConfig:
         for name, v, low in (("seed", self.seed, 0), ("lasso_targets", self.lasso_targets, 1),
                              ("lds_points", self.lds_points, 1), ("lasso_iters", self.lasso_iters, 1),
                              ("epochs", self.epochs, 1), ("chunk", self.chunk, 1)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+            if v is not None and (not is_integer(v) or v < low):
                 null = " (or null)" if name in ("epochs", "chunk") else ""
                 raise JaxUnlearnError(f"{name} must be an integer >= {low}{null}, got {v!r}")
         if not 0 < self.alpha <= 1:

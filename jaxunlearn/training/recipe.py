@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.utils import check_field_types
+from jaxunlearn.utils import check_field_types, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Recipe:
         if epochs is None or epochs == self.epochs:
             return self
         check_field_types(self, "recipe")
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        if not is_integer(epochs) or epochs < 1:
             raise JaxUnlearnError(f"epochs must be >= 1 (an integer), got {epochs!r}")
         return dataclasses.replace(self, epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 

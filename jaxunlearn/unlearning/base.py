@@ -46,18 +46,21 @@ class UnlearnData(struct.PyTreeNode):
 FORWARD_COST = 1.0 / 3.0  # a forward pass is about a third of a forward+backward
 
 
-def _num_classes(params, model_state, data: UnlearnData) -> int:
-    """C of the model's logits, from ``data.apply``'s output shape for one model (traced, not run)."""
-    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
+def num_classes(data: UnlearnData, params, model_state) -> int:
+    """C of ``data.apply``'s logits for ONE model's params / model_state (arrays, tracers or shapes:
+    the apply is traced for its output shape, not run)."""
     image = jax.ShapeDtypeStruct((1, *data.images.shape[1:]), data.images.dtype)
-    logits = jax.eval_shape(lambda p, s, x: data.apply(p, s, x, False)[0], one(params), one(model_state), image)
-    return int(logits.shape[-1])
+    return int(jax.eval_shape(lambda p, s, x: data.apply(p, s, x, False)[0], params, model_state, image).shape[-1])
+
+
+def _one_model(tree):
+    """The shapes of one model of a pytree stacked over K (the leading axis dropped)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
 
 
 def _check_optional_data(params, model_state, data: UnlearnData, n: int) -> None:
     """``init`` returns (params, model_state) of one model; ``memorization`` is f32[n_train], finite;
     ``update_mask`` has one bool per weight of one model (every model gets it)."""
-    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
     shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
     if data.init is not None:
         want = "init must be key -> (params, model_state) of ONE model, e.g. lambda k: (lambda v: (v['params'], " \
@@ -68,7 +71,7 @@ def _check_optional_data(params, model_state, data: UnlearnData, n: int) -> None
             raise JaxUnlearnError(f"UnlearnData.init failed on a key ({type(e).__name__}: {e}); {want}") from None
         if not (isinstance(got, tuple) and len(got) == 2):
             raise JaxUnlearnError(f"UnlearnData.init returned {type(got).__name__}, not a pair; {want}")
-        if shapes(got[0]) != shapes(one(params)):
+        if shapes(got[0]) != shapes(_one_model(params)):
             raise JaxUnlearnError(f"UnlearnData.init's params do not match the models' (one model: their leaves "
                                   f"without the K axis); {want}")
     if data.memorization is not None:
@@ -79,7 +82,7 @@ def _check_optional_data(params, model_state, data: UnlearnData, n: int) -> None
             raise JaxUnlearnError("UnlearnData.memorization contains NaN or inf")
     if data.update_mask is not None:
         if jax.tree.structure(data.update_mask) != jax.tree.structure(params) or \
-                shapes(data.update_mask) != shapes(one(params)):
+                shapes(data.update_mask) != shapes(_one_model(params)):
             raise JaxUnlearnError("UnlearnData.update_mask must be a pytree of bools like one model's params "
                                   "(without the K axis)")
 
@@ -107,7 +110,7 @@ def check_unlearn_inputs(params, data: UnlearnData, forget_idx, retain_idx, targ
         sizes = sorted({x.shape[0] for x in leaves} | ({keys.shape[0]} if keys is not None else set()))
         raise JaxUnlearnError(f"params, model_state and keys must share their leading (models) axis; got sizes {sizes}")
     _check_optional_data(params, model_state, data, n)
-    c = _num_classes(params, model_state, data)
+    c = num_classes(data, _one_model(params), _one_model(model_state))
     labels = np.asarray(data.labels)
     if labels.min() < 0 or labels.max() >= c:
         raise JaxUnlearnError(f"data: labels must lie in [0, {c}) (the model's classes), got {labels.min()}..{labels.max()}")

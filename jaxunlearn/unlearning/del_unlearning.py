@@ -22,6 +22,7 @@ from flax import struct
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization.masks import MaskConfig, del_mask
+from jaxunlearn.unlearning.base import num_classes
 from jaxunlearn.unlearning.finetune import (SGDConfig, both_masks, model_ce, retain_count, retain_sample, run_finetune,
                                             select_update, sgd, steps_for)
 
@@ -83,9 +84,7 @@ def del_unlearning(params, model_state, data, forget_idx, retain_idx, targets, k
     mask, mask_cost = del_mask(params, model_state, data, forget_idx, k_mask, config)
     params = reset_to_fresh(params, mask, data.init, k_init)
     if config.train_head:
-        one = jax.ShapeDtypeStruct((1, *data.images.shape[1:]), data.images.dtype)
-        logits = jax.eval_shape(lambda p, s, x: data.apply(p, s, x, False)[0], params, model_state, one)
-        update = with_head(mask, classifier_module(params, logits.shape[-1], config.head))
+        update = with_head(mask, classifier_module(params, num_classes(data, params, model_state), config.head))
     else:
         update = mask
     r = retain_count(config.retain_per_epoch, retain_idx.shape[0])
