@@ -7,6 +7,7 @@ import pytest
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
+from jaxunlearn.models.layers import WINOGRAD_MIN_CHANNELS
 
 
 def normal(seed: int, *shape):
@@ -44,7 +45,7 @@ CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHA
 def test_winograd_equals_xla_conv_where_it_is_used(k, stride, pad):
     """Winograd's own arithmetic, values and both gradients: every channel count let through (an odd size),
     and the default threshold (16 channels, an even size: im2col for 3x3, Winograd over 4·16 for 5x5 stride 2)."""
-    for c, min_channels, size in ((3, 1, (8, 7)), (16, 64, (9, 9))):
+    for c, min_channels, size in ((3, 1, (8, 7)), (16, WINOGRAD_MIN_CHANNELS, (9, 9))):
         x, w = normal(size[1] + c, 2, *size, c), normal(size[1] + c + 1, k, k, c, 5) / c ** 0.5
         assert_equals_xla_conv(partial(CONV_FNS["winograd"], min_channels=min_channels), x, w, stride, pad,
                                seed=size[1] + c + 2)
@@ -70,7 +71,7 @@ def test_winograd_in_bfloat16_keeps_the_dtype_and_stays_close(k, stride):
         assert rel < 0.02, rel
 
 
-def test_winograd_takes_the_winograd_path_from_64_channels():
+def test_winograd_takes_the_winograd_path_from_32_channels():
     """Which formulation runs, read off the program: Winograd's matmul is batched over the 4x4 tile positions
     (two batch dimensions), im2col's is not. A 5x5 stride-2 layer counts its 4·C space-to-depth channels."""
     def winograd_used(c, k=3, stride=1):
@@ -78,8 +79,29 @@ def test_winograd_takes_the_winograd_path_from_64_channels():
         jaxpr = jax.make_jaxpr(CONV_FNS["winograd"], static_argnums=(2, 3))(x, w, stride, 1).jaxpr
         return any(len(e.params["dimension_numbers"][1][0]) == 2 for e in jaxpr.eqns if e.primitive.name == "dot_general")
 
-    assert winograd_used(64) and not winograd_used(32) and not winograd_used(3)
-    assert winograd_used(16, 5, 2) and not winograd_used(8, 5, 2) and not winograd_used(64, 3, 2)
+    assert winograd_used(64) and winograd_used(32) and not winograd_used(16) and not winograd_used(3)
+    assert winograd_used(8, 5, 2) and not winograd_used(4, 5, 2) and not winograd_used(64, 3, 2)
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 0)])
+def test_im2col_with_patches_narrower_than_the_output(k, stride, pad):
+    """k·k·C < F (a first layer over image channels): the kernel gradient from transposed patches, its own
+    index arithmetic (channels leading, rows in the kernel's order), on one model and vmapped over models."""
+    def narrow_used(x, w):
+        jaxpr = jax.make_jaxpr(CONV_FNS["im2col"], static_argnums=(2, 3))(x, w, stride, pad).jaxpr
+        return any("custom_vjp" in e.primitive.name for e in jaxpr.eqns)
+
+    for c, size in ((1, (9, 9)), (2, (8, 7))):
+        x, w = normal(c, 2, *size, c), normal(c + 1, k, k, c, k * k * c + 3)
+        assert narrow_used(x, w) and not narrow_used(x, w[..., :k * k * c])
+        assert_equals_xla_conv(CONV_FNS["im2col"], x, w, stride, pad, seed=c + 2)
+    xs, ws = normal(5, 3, 2, 8, 7, 2), normal(6, 3, k, k, 2, 32)
+
+    def grads(conv):
+        return jax.jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, pad) ** 2).sum(), argnums=(0, 1))))(xs, ws)
+
+    for u, v in zip(grads(CONV_FNS["im2col"]), grads(xla_conv)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
 
 
 def test_every_conv_formulation_is_checked():

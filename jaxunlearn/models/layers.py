@@ -10,7 +10,7 @@
 * ``"im2col"``: patches by strided slicing, then one matmul. Under ``vmap`` it becomes a
   batched matmul, which every backend runs well.
 * ``"shift"``: a sum of k·k shifted matmuls, no patch tensor in memory.
-* ``"winograd"``: 3x3 stride-1 convolutions of 64 or more input channels as Winograd's F(2x2, 3x3),
+* ``"winograd"``: 3x3 stride-1 convolutions of 32 or more input channels as Winograd's F(2x2, 3x3),
   2.25x fewer multiplications for a transform of the input and output tiles (:func:`winograd_conv`);
   5x5 and 6x6 stride-2 ones as 3x3 ones over 2x2 blocks of the input, then the same; im2col for the rest.
 
@@ -42,11 +42,59 @@ def shifted_windows(x, k: int, stride: int, padding: int) -> list:
 
 
 def im2col_conv(x, kernel, stride: int, padding: int):
-    """x: f32[B, H, W, C], kernel: f32[k, k, C, F] -> f32[B, Ho, Wo, F] (zero padding)."""
+    """x: f32[B, H, W, C], kernel: f32[k, k, C, F] -> f32[B, Ho, Wo, F] (zero padding). Where the patches are
+    narrower than the output (k·k·C < F: a first layer over 1-3 image channels), the kernel gradient reads
+    patches built transposed from x (:func:`_narrow_im2col_conv`)."""
+    k, c, f = kernel.shape[0], x.shape[-1], kernel.shape[-1]
+    if k * k * c < f:
+        return _narrow_im2col_conv(x, kernel, stride, padding)
+    return _im2col(x, kernel, stride, padding)
+
+
+def _im2col(x, kernel, stride: int, padding: int):
     k, c = kernel.shape[0], x.shape[-1]
     cols = shifted_windows(x, k, stride, padding)
     patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, k*k*C]
     return patches @ kernel.reshape(k * k * c, -1)
+
+
+def transposed_patches(x, k: int, stride: int, padding: int):
+    """im2col's patches, transposed: x f32[B, H, W, C] -> f32[k·k·C, B·Ho·Wo], rows in the kernel's (i, j, c)
+    order. Built from x with its channels leading, so every row is written contiguously."""
+    xt = x.transpose(3, 0, 1, 2)  # [C, B, H, W]
+    c, b, h, w = xt.shape
+    if padding:
+        xt = jnp.pad(xt, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    rows = [xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            for i in range(k) for j in range(k)]
+    return jnp.stack(rows).reshape(k * k * c, b * ho * wo)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _narrow_im2col_conv(x, kernel, stride: int, padding: int):
+    """im2col whose kernel gradient is transposed patches [k·k·C, N] times dy [N, F]. Autodiff's is dyᵀ times
+    the patches: XLA's CPU matmuls want the contracted axis minor, so it writes dy out transposed, fused with
+    the BatchNorm backward that produces it (ResNet-9's first layer: a [64, B·32·32] write with a stride-64
+    read, 0.48 s of a 5.5 s step at width 1, batch 512). Transposing the k·k·C-wide patches instead, built from
+    x directly, moves less and reads x once. Values equal autodiff's to float32 rounding (tested)."""
+    return _im2col(x, kernel, stride, padding)
+
+
+def _narrow_im2col_fwd(x, kernel, stride, padding):
+    return _im2col(x, kernel, stride, padding), (x, kernel)
+
+
+def _narrow_im2col_bwd(stride, padding, residuals, dy):
+    x, kernel = residuals
+    k, _, c, f = kernel.shape
+    _, input_vjp = jax.vjp(lambda x: _im2col(x, kernel, stride, padding), x)  # linear in x: no forward kept
+    acc = jnp.promote_types(dy.dtype, jnp.float32)
+    dk = jnp.matmul(transposed_patches(x, k, stride, padding), dy.reshape(-1, f), preferred_element_type=acc)
+    return input_vjp(dy)[0], dk.reshape(k, k, c, f).astype(kernel.dtype)
+
+
+_narrow_im2col_conv.defvjp(_narrow_im2col_fwd, _narrow_im2col_bwd)
 
 
 def shift_conv(x, kernel, stride: int, padding: int):
@@ -61,7 +109,7 @@ def shift_conv(x, kernel, stride: int, padding: int):
 
 
 # Winograd's minimal filtering F(2, 3) (Lavin & Gray, CVPR 2016): on 4-sample tiles that overlap by 2,
-# y = A^T [(G g) * (B^T d)]; B^T and A^T are applied in _winograd_in / _winograd_out
+# y = A^T [(G g) * (B^T d)]; B^T is applied in _winograd_in, A^T as WINOGRAD_OUT
 WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
@@ -71,15 +119,20 @@ def _winograd_in(x, axis: int, tiles: int) -> list:
     return [s[0] - s[2], s[1] + s[2], s[2] - s[1], s[1] - s[3]]
 
 
-def _winograd_out(m) -> list:
-    """A^T m over the leading axis (4 long): a tile's two outputs."""
-    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+# A^T m over a tile's 4x4 positions at once: kron(A^T, A^T), [2·2 outputs, 4·4 positions]. As one matmul the
+# transform's backward is a matmul too; written as adds of tile rows (a(0) + m(1) + ...), autodiff's backward was
+# twelve pad-and-add passes, each recomputing the BatchNorm backward fused into it (ResNet-9 width 1, one
+# model on this 2-core CPU: 4.3 instead of 5.5 s a step, with _narrow_im2col_conv)
+WINOGRAD_AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+WINOGRAD_OUT = tuple(tuple(p * q for p in a for q in b) for a in WINOGRAD_AT for b in WINOGRAD_AT)
 
 
 # below this many input channels (4·C after space-to-depth) Winograd's transforms cost more than the
-# multiplications they save: measured per ResNet-9 layer on a 2-core CPU (conv_layer_probe.py: 32 from 10 % faster
-# to 41 % slower, 64 a tie or a gain, 128 and up 13-29 % faster; the 3-channel first layer 3.3x slower)
-WINOGRAD_MIN_CHANNELS = 64
+# multiplications they save. Measured in whole ResNet-9 models, one per core of a 2-core CPU (ensemble_throughput.py,
+# benchmarks/RESULTS.md): with the matmul output transform, Winograd on the 32-channel layers of width 0.25 too
+# is 1.23x faster than from 64 channels. The 3-channel first layer ran 3.3x slower in Winograd (conv_layer_probe.py,
+# the old output transform); no ResNet-9 layer lies between them at widths from 0.25
+WINOGRAD_MIN_CHANNELS = 32
 
 
 def winograd_conv(x, kernel, stride: int, padding: int, min_channels: int = WINOGRAD_MIN_CHANNELS):
@@ -88,7 +141,7 @@ def winograd_conv(x, kernel, stride: int, padding: int, min_channels: int = WINO
     [B·tiles, C] x [C, F] (one per tile position; a batched matmul under ``vmap``), the 2x2 outputs
     transformed back. 16 multiplications per 2x2 outputs instead of 36, for transforms that move data:
     it pays where the channels are wide, so below ``min_channels`` input channels :func:`im2col_conv` is
-    used (``benchmarks/conv_layer_probe.py``). A 5x5 or 6x6 stride-2 convolution becomes a 3x3 stride-1
+    used (measured: :data:`WINOGRAD_MIN_CHANNELS`). A 5x5 or 6x6 stride-2 convolution becomes a 3x3 stride-1
     one over the input's 2x2 blocks, 4·C channels (:func:`space_to_depth`), then the same. Other
     kernels and strides use :func:`im2col_conv`. Same values as ``lax.conv`` to float32 rounding (tested;
     bfloat16: see :func:`_winograd_3x3`)."""
@@ -115,8 +168,8 @@ def _winograd_3x3(x, kernel, padding: int):
     g = jnp.asarray(WINOGRAD_G, acc)
     u = jnp.einsum("ai,ijcf,bj->abcf", g, kernel.astype(acc), g).astype(x.dtype)  # G g G^T: [4, 4, C, F]
     m = jnp.einsum("abnc,abcf->abnf", v.reshape(4, 4, b * th * tw, c), u, preferred_element_type=acc)
-    m = m.reshape(4, 4, b, th, tw, -1)
-    y = jnp.stack([jnp.stack(_winograd_out(r)) for r in _winograd_out(m)])  # [2, 2, B, th, tw, F]
+    y = jnp.einsum("pk,knf->pnf", jnp.asarray(WINOGRAD_OUT, acc), m.reshape(16, b * th * tw, -1))  # [2·2, n, F]
+    y = y.reshape(2, 2, b, th, tw, -1)
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1)[:, :ho, :wo].astype(x.dtype)
 
 
