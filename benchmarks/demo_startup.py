@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from worktrees import resolve, worktrees
+
 RUN = ("import sys; sys.path.insert(0, {src!r}); import jaxunlearn; "
        "assert jaxunlearn.__file__.startswith({src!r}), jaxunlearn.__file__; "
        "from jaxunlearn.cli import main; sys.exit(main(['demo', '--out', {out!r}, '--no-progress']))")
@@ -74,30 +75,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    args.revs = [subprocess.run(["git", "-C", REPO, "rev-parse", "--short", r], check=True, capture_output=True,
-                                text=True).stdout.strip() for r in args.revs]  # commits, not names that move
-    with tempfile.TemporaryDirectory(prefix="demo-startup-") as scratch:
-        trees = {}
-        for rev in args.revs:
-            path = os.path.join(scratch, f"tree-{len(trees)}")
-            subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", path, rev], check=True)
-            trees[rev] = path
-        try:
-            runs: dict = {rev: [] for rev in args.revs}
-            for i in range(args.repeats):
-                for j, rev in enumerate(args.revs):
-                    r = cold_demo(trees[rev], scratch, f"{j}-{i}")
-                    runs[rev].append(r)
-                    print(f"{rev}: whole process {r['whole_process_s']} s, compile {r['compile']}", flush=True)
-            demo = os.path.join(scratch, "out-0-0")
-            steps: dict = {rev: [] for rev in args.revs}
-            for i in range(max(2, args.repeats)):
-                for j, rev in enumerate(args.revs):
-                    steps[rev].append(attribution_step(trees[rev], demo, scratch, f"{j}-{i}"))
-                    print(f"{rev}: attribution step {steps[rev][-1]}", flush=True)
-        finally:
-            for path in trees.values():
-                subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", path], check=False)
+    args.revs = resolve(args.revs)
+    with tempfile.TemporaryDirectory(prefix="demo-startup-") as scratch, worktrees(args.revs, scratch) as trees:
+        runs: dict = {rev: [] for rev in args.revs}
+        for i in range(args.repeats):
+            for j, rev in enumerate(args.revs):
+                r = cold_demo(trees[rev], scratch, f"{j}-{i}")
+                runs[rev].append(r)
+                print(f"{rev}: whole process {r['whole_process_s']} s, compile {r['compile']}", flush=True)
+        demo = os.path.join(scratch, "out-0-0")
+        steps: dict = {rev: [] for rev in args.revs}
+        for i in range(max(2, args.repeats)):
+            for j, rev in enumerate(args.revs):
+                steps[rev].append(attribution_step(trees[rev], demo, scratch, f"{j}-{i}"))
+                print(f"{rev}: attribution step {steps[rev][-1]}", flush=True)
     before, after = (runs[r] for r in args.revs)
     best = lambda rs: min(r["whole_process_s"] for r in rs)  # noqa: E731
     diff = max(abs(before[0]["klom"][k] - after[0]["klom"][k]) for k in before[0]["klom"])
