@@ -55,9 +55,9 @@ def main(argv=None) -> int:
                 out = os.path.join(scratch, f"run-{j}-{i}.json")
                 probe = f"import sys, jaxunlearn; assert jaxunlearn.__file__.startswith({trees[rev]!r}), jaxunlearn.__file__"
                 env = {**os.environ, "PYTHONPATH": trees[rev]}
-                subprocess.run([sys.executable, "-c", probe], env=env, check=True)
+                subprocess.run([sys.executable, "-c", probe], env=env, check=True, cwd=scratch)  # not the repo root first
                 subprocess.run([sys.executable, script, *a.args, "--json", out], env=env, check=True,
-                               stdout=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, cwd=scratch)
                 with open(out) as f:
                     doc = json.load(f)
                 runs[rev].append(doc)
