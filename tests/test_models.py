@@ -162,6 +162,29 @@ def test_models_map_images_to_logits(name, shape, width):
         np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
+def test_resnet9_cpu_formulation_trains_like_lax_conv():
+    """The whole ResNet-9 in Winograd (its CPU default), width 0.5: the 3 -> 32 first layer takes the narrow
+    im2col path, the 32-channel and wider 3x3 layers and the 5x5 stride-2 one Winograd. Train-mode logits and
+    the loss gradient of every parameter equal lax.conv's."""
+    x, y = normal(3, 4, 32, 32, 3), jnp.arange(4) % 10
+    v = make_model("resnet9", 10, 0.5).init(jax.random.key(0), x, train=False)
+
+    def logits_and_grads(impl):
+        m = make_model("resnet9", 10, 0.5, impl=impl)
+
+        def loss(params):
+            out, _ = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            return -jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], 1).mean(), out
+
+        return jax.jit(jax.grad(loss, has_aux=True))(v["params"])
+
+    (g1, y1), (g2, y2) = logits_and_grads("winograd"), logits_and_grads("xla")
+    np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        scale = float(jnp.abs(b).max())
+        assert float(jnp.abs(a - b).max()) <= 1e-3 * scale + 1e-6, jax.tree_util.keystr(path[0])
+
+
 def test_vit_is_the_del_papers_small_data_vit():
     from jaxunlearn.models.vit import shifted_patches
 

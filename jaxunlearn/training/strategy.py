@@ -62,9 +62,10 @@ def _cpu_per_core(model: str, share: int) -> Strategy:
 
 
 def _cpu_conv(model: str) -> str:
-    """The conv formulation of a conv net on CPU. ResNet-9: Winograd (F(2x2, 3x3) on its layers of 64 or
+    """The conv formulation of a conv net on CPU. ResNet-9: Winograd (F(2x2, 3x3) on its layers of 32 or
     more input channels), measured side by side with im2col, one model per core (``ensemble_throughput.py``):
     width 1, batch 256, 0.167 vs 0.134 models/s (1.25x, ``cpu_resnet9_w1_b256_winograd.json``); width 0.25,
-    0.454 vs 0.435 at batch 512 and 0.538 vs 0.526 at batch 128 (ties, ``cpu_resnet9_w025_*_winograd.json``).
-    The other nets keep im2col (not measured with it)."""
+    0.454 vs 0.435 at batch 512 and 0.538 vs 0.526 at batch 128 (ties, ``cpu_resnet9_w025_*_winograd.json``),
+    before its output transform became a matmul, which gained another 1.26x (width 1) and 1.21x (width 0.25,
+    ``cpu_resnet9_*_revisions.json``). The other nets keep im2col (not measured with it)."""
     return "winograd" if model == "resnet9" else "im2col"
