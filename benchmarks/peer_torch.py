@@ -25,7 +25,9 @@ digits-cnn: SGD with Nesterov momentum 0.9, coupled weight decay, the per-step t
 schedule that is 0 at the first step, batch 64, translation by up to ``crop_pad`` pixels), the same
 train/test split, normalisation and α = 0.5 subset masks (made by our own code here and handed to the
 torch processes as NumPy arrays), the same number of steps per epoch (the last batch wrapping around
-the model's subset), PyTorch's default init (which ours copies; biases zero, as ours). Per-model data
+the model's subset), PyTorch's default init (which ours copies; biases zero, as ours), and after training
+the logits and margins of every train and test point, what ``train`` writes (until 2026-11-26 the torch
+workers evaluated the test points only: ResNet-9 JSON files before then gave torch that less work). Per-model data
 order and augmentation draws come from each framework's own generator. Torch's thread count is pinned
 to the cores this process may use (what XLA's CPU client uses). ResNet-9 is our ``ResNet9`` ported channel
 for channel (``_torch_resnet9``), with the recipe's flip + crop augmentation. ``--device cuda`` runs the
@@ -278,6 +280,19 @@ def _augment(torch, x, pad: int, flip: bool, gen):
     return x.reshape(*lead, b, c, h, w)
 
 
+def _outputs(torch, logits_of, d, autocast, batch: int = 1024):
+    """What ``train`` writes for every model: logits and margins of every train and test point (eval mode), in
+    batches. logits_of(x f32[b, C, H, W]) -> f32[..., b, classes]. Returns (margins f32[..., n_train + n_test]
+    as NumPy, the mean test accuracy)."""
+    xs, ys = torch.cat([d["x"], d["xt"]]), torch.cat([d["y"], d["yt"]])
+    with torch.no_grad(), autocast():
+        out = torch.cat([logits_of(xs[i:i + batch]).float() for i in range(0, len(xs), batch)], -2)
+    true = out.gather(-1, ys.expand(*out.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    other = out.scatter(-1, ys.expand(*out.shape[:-1]).unsqueeze(-1), float("-inf")).amax(-1)
+    test = out[..., len(d["x"]):, :]
+    return (true - other).cpu().numpy(), float((test.argmax(-1) == d["yt"]).float().mean())
+
+
 def worker_torch_loop(a) -> dict:
     torch, d = _torch_setup(a)
     recipe = json.loads(a.recipe)
@@ -286,7 +301,7 @@ def worker_torch_loop(a) -> dict:
     dev, autocast, sync = d["device"], d["autocast"], d["sync"]
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     in_shape = tuple(d["x"].shape[1:])
-    per_model, training, accs = [], [], []
+    per_model, training, accs, outputs = [], [], [], []
     for m in range(a.models):
         sync()
         t = time.perf_counter()
@@ -314,12 +329,13 @@ def worker_torch_loop(a) -> dict:
         sync()
         training.append(time.perf_counter() - t_train)
         net.eval()
-        with torch.no_grad(), autocast():
-            accs.append(float((net(d["xt"]).argmax(-1) == d["yt"]).float().mean()))
+        margins, acc = _outputs(torch, net, d, autocast)
+        outputs.append(margins)
+        accs.append(acc)
         sync()
         per_model.append(time.perf_counter() - t)
     # steady: the training epochs of the median model (the first one carries the warm-up; construction
-    # and the test evaluation left out, as ours leaves out init and outputs), as s/epoch of all K models
+    # and the outputs left out, as ours leaves out init and outputs), as s/epoch of all K models
     rest = training[1:] or training
     per_epoch = lambda model_s: model_s * a.models / recipe["epochs"]  # noqa: E731
     return {"model_seconds": per_model, "training_seconds": training,
@@ -374,9 +390,8 @@ def worker_torch_vmap(a) -> dict:
         sync()
         epochs.append(time.perf_counter() - t)
     base.eval()
-    with torch.no_grad(), autocast():
-        out = vmap(lambda p, b: functional_call(base, (p, b), (d["xt"],)))(params, buffers)
-    acc = float((out.argmax(-1) == d["yt"][None]).float().mean())
+    _, acc = _outputs(torch, lambda x: vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers), d,
+                      autocast)
     return {"epoch_seconds": epochs, "steady_epoch_seconds": statistics.median(epochs[1:] or epochs),
             "test_accuracy": acc, "threads": torch.get_num_threads(), "device": str(dev)}
 
