@@ -555,10 +555,11 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
     acc: dict = {}
     for r in range(repeats):
         cache = os.path.join(tmp, f"cache{r}")
-        env = {k: v for k, v in os.environ.items() if k != "JAXUNLEARN_CACHE_DIR"}
+        env = {"PYTHONPATH": REPO, **{k: v for k, v in os.environ.items() if k != "JAXUNLEARN_CACHE_DIR"}}
         for phase in ("cold", "warm"):
             out = os.path.join(tmp, f"run-{r}-{phase}")
-            cmd = [sys.executable, "-m", "jaxunlearn", "train", "--dataset", dataset, "--recipe", recipe_file,
+            # -P: not the working folder first on sys.path, so that PYTHONPATH (revisions.py) picks the package
+            cmd = [sys.executable, "-P", "-m", "jaxunlearn", "train", "--dataset", dataset, "--recipe", recipe_file,
                    "--models", str(models), "--seed", str(seed), "--out", out, "--no-progress", "--compile-cache", cache]
             wall, _, load = _timed(cmd + (["--data-dir", opts.data_dir] if opts.data_dir else []), env)
             summary = json.load(open(os.path.join(out, "summary.json")))
@@ -702,6 +703,8 @@ def main(argv=None) -> int:
         raise SystemExit("PyTorch is not installed: pip install -e .[peers]") from None
     global OMP_WAIT_POLICY
     OMP_WAIT_POLICY = a.omp_wait_policy
+    if a.data_dir is not None:  # the subprocesses run in the repository root
+        a.data_dir = os.path.abspath(a.data_dir)
     if a.dtype is None and a.device == "cuda":
         a.dtype = "bfloat16"
     if a.epochs is not None and a.epochs < 2:

@@ -9,7 +9,10 @@ dotted path into it, higher is better) is read from each, and the best of the re
     python benchmarks/revisions.py --revs d56b02c HEAD --repeats 2 --json OUT.json -- \\
         ensemble_throughput.py --cpu-devices 2 --recipe cifar10-resnet9 --model resnet9 ...
 
-The script's own ``--json`` is supplied; every other argument after ``--`` is passed through unchanged.
+The script's own ``--json`` is supplied; every other argument after ``--`` is passed through unchanged, and
+relative paths in them read from the folder this is run in. A script that starts ``jaxunlearn`` in processes of
+its own must let ``PYTHONPATH`` choose the package (``python -P -m jaxunlearn``, as ``peer_torch.py`` and
+``scaling.py`` do).
 """
 from __future__ import annotations
 
@@ -21,8 +24,6 @@ import sys
 import tempfile
 
 from worktrees import resolve, worktrees
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def read_metric(doc: dict, path: str) -> float:
@@ -42,14 +43,17 @@ def main(argv=None) -> int:
     ap.add_argument("script", help="a script in benchmarks/, then its arguments (after --)")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
-    script = os.path.join(HERE, os.path.basename(a.script))
-    if not os.path.isfile(script):
-        raise SystemExit(f"no benchmark script {a.script!r} in {HERE}")
+    name = os.path.basename(a.script)
     if a.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {a.repeats}")
     revs = resolve(a.revs)
+    if revs[0] == revs[1]:
+        raise SystemExit(f"--revs: both name commit {revs[0]}; for the noise of one revision, run its script twice")
     runs: dict = {rev: [] for rev in revs}
     with tempfile.TemporaryDirectory(prefix="revisions-") as scratch, worktrees(revs, scratch) as trees:
+        script = os.path.join(trees[revs[1]], "benchmarks", name)
+        if not os.path.isfile(script):
+            raise SystemExit(f"no benchmark script benchmarks/{name} at {revs[1]}")
         for i in range(a.repeats):
             for j, rev in enumerate(revs):
                 out = os.path.join(scratch, f"run-{j}-{i}.json")
@@ -57,13 +61,13 @@ def main(argv=None) -> int:
                 env = {**os.environ, "PYTHONPATH": trees[rev]}
                 subprocess.run([sys.executable, "-c", probe], env=env, check=True, cwd=scratch)  # not the repo root first
                 subprocess.run([sys.executable, script, *a.args, "--json", out], env=env, check=True,
-                               stdout=subprocess.DEVNULL, cwd=scratch)
+                               stdout=subprocess.DEVNULL)  # in this folder: relative paths given read as here
                 with open(out) as f:
                     doc = json.load(f)
                 runs[rev].append(doc)
                 print(f"{rev} (repeat {i + 1}): {a.metric} = {read_metric(doc, a.metric):.4g}", flush=True)
     best = {rev: max(read_metric(d, a.metric) for d in runs[rev]) for rev in revs}
-    summary = {"revs": revs, "script": os.path.basename(script), "args": a.args, "metric": a.metric,
+    summary = {"revs": revs, "script": name, "args": a.args, "metric": a.metric,
                "values": {rev: [read_metric(d, a.metric) for d in runs[rev]] for rev in revs}, "best": best,
                "ratio_after_over_before": round(best[revs[1]] / best[revs[0]], 3)}
     print(json.dumps(summary))

@@ -22,12 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_run(models: int, model: str, devices: int, simulate: bool, epochs: int) -> dict:
-    env = dict(os.environ)
+    env = {"PYTHONPATH": REPO, **os.environ}  # this checkout's package unless PYTHONPATH names one (revisions.py)
     if simulate:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "run")
-        cmd = [sys.executable, "-m", "jaxunlearn", "train", "--dataset", "digits", "--model", model,
+        cmd = [sys.executable, "-P", "-m", "jaxunlearn", "train", "--dataset", "digits", "--model", model,
                "--recipe", f"digits-{model}", "--models", str(models), "--epochs", str(epochs), "--out", out,
                "--no-progress", "--devices", str(devices)]
         t = time.time()

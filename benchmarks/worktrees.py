@@ -18,6 +18,8 @@ def resolve(revs) -> list:
 def worktrees(revs, scratch: str):
     """{commit: folder} with each revision checked out in a detached git worktree under ``scratch``; removed
     on exit. Run a revision with ``PYTHONPATH=folder`` so that its own ``jaxunlearn`` is imported."""
+    if len(set(revs)) != len(revs):
+        raise ValueError(f"revisions named twice: {revs}")
     trees = {}
     try:
         for rev in revs:
@@ -28,3 +30,4 @@ def worktrees(revs, scratch: str):
     finally:
         for path in trees.values():
             subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", path], check=False)
+        subprocess.run(["git", "-C", REPO, "worktree", "prune"], check=False)  # any left half-made

@@ -95,7 +95,8 @@ def test_im2col_with_patches_narrower_than_the_output(k, stride, pad):
         x, w = normal(c, 2, *size, c), normal(c + 1, k, k, c, k * k * c + 3)
         assert narrow_used(x, w) and not narrow_used(x, w[..., :k * k * c])
         assert_equals_xla_conv(CONV_FNS["im2col"], x, w, stride, pad, seed=c + 2)
-    xs, ws = normal(5, 3, 2, 8, 7, 2), normal(6, 3, k, k, 2, 32)
+    xs, ws = normal(5, 3, 2, 8, 7, 2), normal(6, 3, k, k, 2, k * k * 2 + 8)
+    assert narrow_used(xs[0], ws[0])
 
     def grads(conv):
         return jax.jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, pad) ** 2).sum(), argnums=(0, 1))))(xs, ws)
@@ -162,15 +163,17 @@ def test_models_map_images_to_logits(name, shape, width):
         np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
-def test_resnet9_cpu_formulation_trains_like_lax_conv():
-    """The whole ResNet-9 in Winograd (its CPU default), width 0.5: the 3 -> 32 first layer takes the narrow
-    im2col path, the 32-channel and wider 3x3 layers and the 5x5 stride-2 one Winograd. Train-mode logits and
+@pytest.mark.parametrize("width", [0.25, 0.5])
+def test_resnet9_cpu_formulation_trains_like_lax_conv(width):
+    """The whole ResNet-9 in Winograd (its CPU default). Width 0.5: the 3 -> 32 first layer takes the narrow
+    im2col path, the 3x3 layers (64 channels and up) and the 5x5 stride-2 one Winograd. Width 0.25: Winograd on
+    the 32-channel 3x3 layers (the threshold), plain im2col for the 3 -> 16 first layer. Train-mode logits and
     the loss gradient of every parameter equal lax.conv's."""
     x, y = normal(3, 4, 32, 32, 3), jnp.arange(4) % 10
-    v = make_model("resnet9", 10, 0.5).init(jax.random.key(0), x, train=False)
+    v = make_model("resnet9", 10, width).init(jax.random.key(0), x, train=False)
 
     def logits_and_grads(impl):
-        m = make_model("resnet9", 10, 0.5, impl=impl)
+        m = make_model("resnet9", 10, width, impl=impl)
 
         def loss(params):
             out, _ = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])

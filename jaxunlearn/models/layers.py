@@ -77,7 +77,9 @@ def _narrow_im2col_conv(x, kernel, stride: int, padding: int):
     the patches: XLA's CPU matmuls want the contracted axis minor, so it writes dy out transposed, fused with
     the BatchNorm backward that produces it (ResNet-9's first layer: a [64, B·32·32] write with a stride-64
     read, 0.48 s of a 5.5 s step at width 1, batch 512). Transposing the k·k·C-wide patches instead, built from
-    x directly, moves less and reads x once. Values equal autodiff's to float32 rounding (tested)."""
+    x directly, moves less and reads x once. Values equal autodiff's to float32 rounding (tested). A custom VJP
+    has no forward mode: ``jax.jvp`` / ``jacfwd`` through such a layer raise (reverse mode and forward-over-reverse,
+    as Hessian-vector products use, work); ``impl="xla"`` has both."""
     return _im2col(x, kernel, stride, padding)
 
 
@@ -88,7 +90,7 @@ def _narrow_im2col_fwd(x, kernel, stride, padding):
 def _narrow_im2col_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
     k, _, c, f = kernel.shape
-    _, input_vjp = jax.vjp(lambda x: _im2col(x, kernel, stride, padding), x)  # linear in x: no forward kept
+    _, input_vjp = jax.vjp(lambda x: _im2col(x, kernel, stride, padding), x)  # its unused forward: dropped under jit
     acc = jnp.promote_types(dy.dtype, jnp.float32)
     dk = jnp.matmul(transposed_patches(x, k, stride, padding), dy.reshape(-1, f), preferred_element_type=acc)
     return input_vjp(dy)[0], dk.reshape(k, k, c, f).astype(kernel.dtype)
@@ -122,7 +124,7 @@ def _winograd_in(x, axis: int, tiles: int) -> list:
 # A^T m over a tile's 4x4 positions at once: kron(A^T, A^T), [2·2 outputs, 4·4 positions]. As one matmul the
 # transform's backward is a matmul too; written as adds of tile rows (a(0) + m(1) + ...), autodiff's backward was
 # twelve pad-and-add passes, each recomputing the BatchNorm backward fused into it (ResNet-9 width 1, one
-# model on this 2-core CPU: 4.3 instead of 5.5 s a step, with _narrow_im2col_conv)
+# model on this 2-core CPU: 4.65 instead of 5.51 s a step, with _narrow_im2col_conv; step_profile.py)
 WINOGRAD_AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
 WINOGRAD_OUT = tuple(tuple(p * q for p in a for q in b) for a in WINOGRAD_AT for b in WINOGRAD_AT)
 

@@ -66,6 +66,7 @@ def _cpu_conv(model: str) -> str:
     more input channels), measured side by side with im2col, one model per core (``ensemble_throughput.py``):
     width 1, batch 256, 0.167 vs 0.134 models/s (1.25x, ``cpu_resnet9_w1_b256_winograd.json``); width 0.25,
     0.454 vs 0.435 at batch 512 and 0.538 vs 0.526 at batch 128 (ties, ``cpu_resnet9_w025_*_winograd.json``),
-    before its output transform became a matmul, which gained another 1.26x (width 1) and 1.21x (width 0.25,
+    before its output transform became a matmul (with the first layer's narrow im2col backward at width 1, and
+    Winograd from 32 channels at width 0.25), which gained another 1.26x (width 1) and 1.21x (width 0.25,
     ``cpu_resnet9_*_revisions.json``). The other nets keep im2col (not measured with it)."""
     return "winograd" if model == "resnet9" else "im2col"
