@@ -54,12 +54,14 @@ def main(argv=None) -> int:
         script = os.path.join(trees[revs[1]], "benchmarks", name)
         if not os.path.isfile(script):
             raise SystemExit(f"no benchmark script benchmarks/{name} at {revs[1]}")
+        envs = {rev: {**os.environ, "PYTHONPATH": trees[rev]} for rev in revs}
+        for rev in revs:  # each revision's own package is the one imported (run outside the repository root)
+            probe = f"import jaxunlearn; assert jaxunlearn.__file__.startswith({trees[rev]!r}), jaxunlearn.__file__"
+            subprocess.run([sys.executable, "-c", probe], env=envs[rev], check=True, cwd=scratch)
         for i in range(a.repeats):
             for j, rev in enumerate(revs):
                 out = os.path.join(scratch, f"run-{j}-{i}.json")
-                probe = f"import sys, jaxunlearn; assert jaxunlearn.__file__.startswith({trees[rev]!r}), jaxunlearn.__file__"
-                env = {**os.environ, "PYTHONPATH": trees[rev]}
-                subprocess.run([sys.executable, "-c", probe], env=env, check=True, cwd=scratch)  # not the repo root first
+                env = envs[rev]
                 subprocess.run([sys.executable, script, *a.args, "--json", out], env=env, check=True,
                                stdout=subprocess.DEVNULL)  # in this folder: relative paths given read as here
                 with open(out) as f:

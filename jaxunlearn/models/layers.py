@@ -29,16 +29,22 @@ from jax import lax
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def shifted_windows(x, k: int, stride: int, padding: int) -> list:
+def shifted_windows(x, k: int, stride: int, padding: int, axis: int = 1) -> list:
     """The k·k strided views of zero-padded x that a k x k convolution multiplies by its kernel taps,
-    in (i, j) row-major order. x: f32[B, H, W, C] -> k·k arrays f32[B, Ho, Wo, C]."""
-    _, h, w, _ = x.shape
+    in (i, j) row-major order. x: f32[B, H, W, C] -> k·k arrays f32[B, Ho, Wo, C]; the image rows and
+    columns are axes ``axis`` and ``axis`` + 1 (2 for x f32[C, B, H, W])."""
+    h, w = x.shape[axis], x.shape[axis + 1]
     if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        x = jnp.pad(x, [(padding, padding) if a in (axis, axis + 1) else (0, 0) for a in range(x.ndim)])
     ho = (h + 2 * padding - k) // stride + 1
     wo = (w + 2 * padding - k) // stride + 1
-    return [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-            for i in range(k) for j in range(k)]
+    def window(i, j):  # one strided slice, as x[:, i::stride, j::stride, :] cut to Ho x Wo
+        start, limit, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+        for a, o, n in ((axis, i, ho), (axis + 1, j, wo)):
+            start[a], limit[a], strides[a] = o, o + stride * (n - 1) + 1, stride
+        return lax.slice(x, start, limit, strides)
+
+    return [window(i, j) for i in range(k) for j in range(k)]
 
 
 def im2col_conv(x, kernel, stride: int, padding: int):
@@ -60,15 +66,9 @@ def _im2col(x, kernel, stride: int, padding: int):
 
 def transposed_patches(x, k: int, stride: int, padding: int):
     """im2col's patches, transposed: x f32[B, H, W, C] -> f32[k·k·C, B·Ho·Wo], rows in the kernel's (i, j, c)
-    order. Built from x with its channels leading, so every row is written contiguously."""
-    xt = x.transpose(3, 0, 1, 2)  # [C, B, H, W]
-    c, b, h, w = xt.shape
-    if padding:
-        xt = jnp.pad(xt, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    rows = [xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            for i in range(k) for j in range(k)]
-    return jnp.stack(rows).reshape(k * k * c, b * ho * wo)
+    order. The windows are cut from x with its channels leading, so every row is written contiguously."""
+    windows = jnp.stack(shifted_windows(x.transpose(3, 0, 1, 2), k, stride, padding, axis=2))  # [k·k, C, B, Ho, Wo]
+    return windows.reshape(k * k * x.shape[-1], -1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
