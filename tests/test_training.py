@@ -158,16 +158,18 @@ def test_ensemble_outputs_are_logits_margins_and_correct_flags(digits):
     assert logits.shape == (3, len(y), 10) and margins.shape == correct.shape == (3, len(y))
 
 
-def test_outputs_program_uses_older_cpu_emitters_only_for_small_images(digits):
+def test_outputs_program_uses_older_cpu_emitters_only_for_small_inputs(digits):
     """The outputs program compiles with XLA's older CPU fusion emitters for 8x8 digits (faster there) and
-    with the default for 32x32 images, where they ran it 20 % slower (ResNet-9, benchmarks/RESULTS.md), and
-    for a Trainer whose images are not known."""
+    with the default for 32x32x3 images, where they ran it 20 % slower (ResNet-9, benchmarks/RESULTS.md), for
+    flat inputs as large, and for a Trainer whose inputs are not known."""
     recipe = RECIPES["digits-cnn"]
     masks = np.ones((2, digits.n_train), bool)
     small = _trainer(digits, recipe, masks)
     assert EnsembleFns(small, 2, 2).outputs.options == {"xla_cpu_use_fusion_emitters": False}
     cifar = make_trainer(recipe, 10, (32, 32, 3), np.zeros(3), np.ones(3), steps_per_epoch(masks, 64), "im2col")
     assert EnsembleFns(cifar, 2, 2).outputs.options is None
+    flat = make_trainer(RECIPES["digits-mlp"], 10, (3072,), np.zeros(1), np.ones(1), steps_per_epoch(masks, 64), "im2col")
+    assert EnsembleFns(flat, 2, 2).outputs.options is None
     patched = small._replace(logits=lambda p, s, x: small.logits(p, s, x))  # not make_trainer's: no spec
     assert EnsembleFns(patched, 2, 2).outputs.options is None
 

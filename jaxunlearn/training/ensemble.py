@@ -111,21 +111,22 @@ def init_compiler_options(devices) -> dict | None:
     return {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-# the largest images (pixels) whose outputs program compiles with XLA's older CPU fusion emitters; see below
-OLDER_EMITTERS_MAX_PIXELS = 16 * 16
+# the largest inputs (values per example: 16x16 RGB) whose outputs program compiles with XLA's older CPU fusion
+# emitters; between the sizes measured (8x8x1 digits: they win; 32x32x3 CIFAR-10: they lose), see below
+OLDER_EMITTERS_MAX_INPUT_SIZE = 16 * 16 * 3
 
 
 def outputs_compiler_options(devices, image_shape=None) -> dict | None:
-    """The outputs (logits, margins) run once per chunk. On CPU, for small images (at most
-    :data:`OLDER_EMITTERS_MAX_PIXELS`), with XLA's older fusion emitters, which compile faster; elsewhere,
-    and where the image size is not known, the default. Measured (``benchmarks/compile_options.py
+    """The outputs (logits, margins) run once per chunk. On CPU, for small inputs (``image_shape``: at most
+    :data:`OLDER_EMITTERS_MAX_INPUT_SIZE` values per example), with XLA's older fusion emitters, which compile
+    faster; elsewhere, and where the input shape is not known, the default. Measured (``benchmarks/compile_options.py
     --programs outputs``, compile then run, default vs older; benchmarks/RESULTS.md): 8x8 digits, 64 MLPs
     0.39 / 0.043 vs 0.35 / 0.063 s, 64 CNNs 0.72 / 1.34 vs 0.38 / 1.08 s (older: 0.6 s less); 32x32
     CIFAR-10, ResNet-9 width 0.25 x 4: 3.0 / 12.2 vs 1.3 / 15.1 s (1.1 s more), width 1 x 2: 2.3 / 33.6 vs
     1.4 / 40.2 s (5.8 s more). What the older emitters save is bounded by the compile time; what they
     cost grows with the models and points. Not the epoch, which runs many times: with them the MLP epoch
     ran 24 % slower (0.076 vs 0.062 s), and the CNN epoch's bits differ from the default's."""
-    if devices[0].platform != "cpu" or image_shape is None or np.prod(image_shape[:-1]) > OLDER_EMITTERS_MAX_PIXELS:
+    if devices[0].platform != "cpu" or image_shape is None or np.prod(image_shape) > OLDER_EMITTERS_MAX_INPUT_SIZE:
         return None
     return {"xla_cpu_use_fusion_emitters": False}
 
@@ -189,7 +190,7 @@ class EnsembleFns:
         # run_epoch(state, images, labels, mask, model_key, epoch): images, labels, epoch are shared
         self.epoch = program("epoch", trainer.run_epoch, (1, 2, 5), donate_argnums=0)
         self.logits = program("logits", trainer.logits, (2,))
-        image_shape = spec and spec["image_shape"]  # a Trainer of make_trainer's: the images it was made for
+        image_shape = spec["image_shape"] if spec else None  # a Trainer of make_trainer's: its inputs' shape
         self.outputs = program("outputs", outputs, (2, 3),
                                compiler_options=outputs_compiler_options(self.devices, image_shape))
 
