@@ -37,6 +37,8 @@ CPU_CANDIDATES = {
     "level0": {"xla_backend_optimization_level": 0},
     "older_emitters": {"xla_cpu_use_fusion_emitters": False},
     "level0+older_emitters": {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+    "level2": {"xla_backend_optimization_level": 2},
+    "level2+older_emitters": {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False},
 }
 # XLA's command buffer types (CUDA graphs); WHILE and CONDITIONAL take the whole scan over steps into one graph
 _GRAPH_TYPES = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE"

@@ -17,6 +17,7 @@ ensemble layout of training);
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxunlearn.compile_cache import Program
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.training.ensemble import map_models, over_devices
+from jaxunlearn.training.ensemble import map_models, over_devices, unlearning_compiler_options
 from jaxunlearn.training.strategy import split_devices
 from jaxunlearn.utils import all_finite, check_indices
 
@@ -155,8 +157,8 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets, keys, model_state)
     check_config(method, config)
     devs = model_devices(devices, keys.shape[0], vmap_width)
-    return _unlearn_jit(method, config, vmap_width, devs, params, model_state, data, forget_idx, retain_idx, targets,
-                        keys)
+    return _program(_unlearn_impl, (method, vmap_width, devs), data)(config, params, model_state, data, forget_idx,
+                                                                     retain_idx, targets, keys)
 
 
 def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
@@ -181,14 +183,14 @@ def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forge
     out: list = [None] * len(configs)
     for idxs in groups.values():
         stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *[configs[i] for i in idxs])
-        p, s, c = _grid_jit(method, vmap_width, devs, stacked, params, model_state, data, forget_idx, retain_idx,
-                            targets, keys)
+        p, s, c = _program(_grid_impl, (method, vmap_width, devs), data)(
+            stacked, params, model_state, data, forget_idx, retain_idx, targets, keys)
         for j, i in enumerate(idxs):
             out[i] = jax.tree.map(lambda t: t[j], (p, s, c))
     return out
 
 
-def _unlearn_impl(method, config, vmap_width, devices, params, model_state, data, forget_idx, retain_idx, targets,
+def _unlearn_impl(method, vmap_width, devices, config, params, model_state, data, forget_idx, retain_idx, targets,
                   keys):
     k = keys.shape[0]
     if len(devices) > 1:  # the models axis split across devices; data, indices and config whole on each
@@ -205,10 +207,24 @@ def _unlearn_impl(method, config, vmap_width, devices, params, model_state, data
 
 def _grid_impl(method, vmap_width, devices, configs, params, model_state, data, forget_idx, retain_idx, targets,
                keys):
-    one = lambda c: _unlearn_impl(method, c, vmap_width, devices, params, model_state, data, forget_idx,  # noqa: E731
+    one = lambda c: _unlearn_impl(method, vmap_width, devices, c, params, model_state, data, forget_idx,  # noqa: E731
                                   retain_idx, targets, keys)
     return jax.vmap(one)(configs)
 
 
-_unlearn_jit = jax.jit(_unlearn_impl, static_argnums=(0, 2, 3))
-_grid_jit = jax.jit(_grid_impl, static_argnums=(0, 1, 2))
+_PROGRAMS: dict = {}
+
+
+def _program(impl, static: tuple, data: UnlearnData) -> Program:
+    """``impl`` with its static arguments (method, vmap_width, devices) bound, compiled once per argument
+    signature with :func:`~jaxunlearn.training.ensemble.unlearning_compiler_options` for these devices and
+    inputs (kept for the process, as ``jax.jit`` keeps its executables)."""
+    devices = static[-1]
+    options = unlearning_compiler_options(devices, tuple(data.images.shape[1:]))
+    key = (impl, static, tuple(sorted((options or {}).items())))
+    program = _PROGRAMS.get(key)
+    if program is None:
+        name = "unlearn_grid" if impl is _grid_impl else "unlearn_ensemble"
+        program = _PROGRAMS[key] = Program(functools.partial(impl, *static), name, compiler_options=options,
+                                           devices=devices)
+    return program
