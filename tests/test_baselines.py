@@ -12,6 +12,7 @@ from jaxunlearn.unlearning.finetune import run_sgd, sgd
 from jaxunlearn.unlearning.registry import NEEDS_INIT
 from jaxunlearn.unlearning.salun import forget_gradient, salun_mask
 from jaxunlearn.unlearning.scrub import retain_batches, scrub_losses
+from conftest import check_jit
 
 K = 8
 FORGET = np.arange(0, 60, 2)  # 30 points
@@ -121,22 +122,22 @@ def test_scrub_without_max_steps_is_its_min_step_finetune(mlps):
     key = jax.random.key(11)
     f, r = jnp.asarray(FORGET, jnp.int32), jnp.asarray(RETAIN, jnp.int32)
     cfg = SCRUBConfig(epochs=2, max_steps=0, retain_per_epoch=256)
-    a, _, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg))(params, bstats)
+    a, _, _ = check_jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg))(params, bstats)
 
     def by_hand(p, s):
         min_loss, _ = scrub_losses(data, p, s, cfg)
         batches, steps = retain_batches(r, 256, cfg.batch_size)
         return run_sgd(p, s, cfg, batches, steps, min_loss, key, sgd(cfg, cfg.epochs * steps))[0]
 
-    b = jax.jit(by_hand)(params, bstats)
+    b = check_jit(by_hand)(params, bstats)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
     # with max-steps the student is pushed away from the teacher on F
-    c, s_c, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=2, lr=0.02)))(
+    c, s_c, _ = check_jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=2, lr=0.02)))(
         params, bstats)
     lg = lambda p, s: tr.logits(p, s, jnp.asarray(data.images[FORGET]))  # noqa: E731
     assert float(jnp.abs(lg(c, s_c) - lg(params, bstats)).mean()) > float(jnp.abs(lg(a, bstats) - lg(params, bstats)).mean())
     # max_steps beyond epochs means every epoch starts with a max pass (as the reference's `epoch <= msteps`)
-    d, _, _ = jax.jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=5, lr=0.02)))(params, bstats)
+    d, _, _ = check_jit(lambda p, s: scrub(p, s, data, f, r, None, key, cfg.replace(max_steps=5, lr=0.02)))(params, bstats)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), c, d)
 
 

@@ -8,6 +8,7 @@ import pytest
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
 from jaxunlearn.models.layers import WINOGRAD_MIN_CHANNELS
+from conftest import check_jit
 
 
 def normal(seed: int, *shape):
@@ -26,7 +27,7 @@ def assert_equals_xla_conv(conv, x, w, stride, pad, seed):
     def values_and_grads(conv, x, w):
         return conv(x, w, stride, pad), jax.grad(lambda x, w: (conv(x, w, stride, pad) * g).sum(), (0, 1))(x, w)
 
-    (a, ga), (b, gb) = (jax.jit(partial(values_and_grads, c))(x, w) for c in (conv, xla_conv))
+    (a, ga), (b, gb) = (check_jit(partial(values_and_grads, c))(x, w) for c in (conv, xla_conv))
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for u, v in zip(ga, gb):
@@ -63,8 +64,8 @@ def test_winograd_in_bfloat16_keeps_the_dtype_and_stays_close(k, stride):
         y, vjp = jax.vjp(lambda x: conv(x, w, stride, 1), x)
         return y, vjp(g.astype(y.dtype))[0]
 
-    y, dx = jax.jit(partial(value_and_dx, conv))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    y32, dx32 = jax.jit(partial(value_and_dx, xla_conv))(x, w)
+    y, dx = check_jit(partial(value_and_dx, conv))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    y32, dx32 = check_jit(partial(value_and_dx, xla_conv))(x, w)
     assert y.dtype == dx.dtype == jnp.bfloat16
     for got, want in ((y, y32), (dx, dx32)):
         rel = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
@@ -99,7 +100,7 @@ def test_im2col_with_patches_narrower_than_the_output(k, stride, pad):
     assert narrow_used(xs[0], ws[0])
 
     def grads(conv):
-        return jax.jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, pad) ** 2).sum(), argnums=(0, 1))))(xs, ws)
+        return check_jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, pad) ** 2).sum(), argnums=(0, 1))))(xs, ws)
 
     for u, v in zip(grads(CONV_FNS["im2col"]), grads(xla_conv)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-3)
@@ -124,7 +125,7 @@ def test_conv_gradients_under_vmap_over_models(impl, k, stride):
     x, w = normal(4, 3, 2, 8, 7, 3), normal(5, 3, k, k, 3, 4)
 
     def grads(conv):
-        return jax.jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1))))(x, w)
+        return check_jit(jax.vmap(jax.grad(lambda x, w: (conv(x, w, stride, 1) ** 2).sum(), argnums=(0, 1))))(x, w)
 
     conv = partial(CONV_FNS["winograd"], min_channels=1) if impl == "winograd" else CONV_FNS[impl]
     for u, v in zip(grads(conv), grads(xla_conv)):
@@ -152,14 +153,14 @@ def test_max_pool_2x2_equals_flax_max_pool(shape):
 def test_models_map_images_to_logits(name, shape, width):
     m = make_model(name, 10, width)
     x = jnp.ones((3, *shape))
-    v = jax.jit(lambda x: m.init(jax.random.key(0), x, train=False))(x)
-    y, new = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+    v = check_jit(lambda x: m.init(jax.random.key(0), x, train=False))(x)
+    y, new = check_jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert y.shape == (3, 10) and y.dtype == jnp.float32
     assert ("batch_stats" in v) == (name not in ("mlp", "vit"))
     # same parameters, another conv formulation (all of them for the small CNN), same outputs
-    y1 = jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)
+    y1 = check_jit(lambda v, x: m.apply(v, x, train=False))(v, x)
     for impl in (CONV_FNS if name == "cnn" else ["xla"]):
-        y2 = jax.jit(lambda v, x: make_model(name, 10, width, impl=impl).apply(v, x, train=False))(v, x)
+        y2 = check_jit(lambda v, x: make_model(name, 10, width, impl=impl).apply(v, x, train=False))(v, x)
         np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
@@ -178,7 +179,7 @@ def test_resnet9_cpu_formulation_trains_like_lax_conv(width=0.5):
             out, _ = m.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
             return -jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], 1).mean(), out
 
-        return jax.jit(jax.grad(loss, has_aux=True))(v["params"])
+        return check_jit(jax.grad(loss, has_aux=True))(v["params"])
 
     (g1, y1), (g2, y2) = logits_and_grads("winograd"), logits_and_grads("xla")
     np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from jaxunlearn.training import RECIPES, EnsembleFns, Recipe, make_trainer, mode
 from jaxunlearn.training.step import std_logit_penalty, training_loss
 from jaxunlearn.training.subsets import steps_per_epoch
 from jaxunlearn.unlearning import SingleGradientConfig, UnlearnData, make_config, single_gradient, unlearn_ensemble
+from conftest import check_jit
 
 
 class Tiny(nn.Module):
@@ -39,7 +40,7 @@ def test_top_hessian_eigenvalue_matches_eigvalsh_of_the_explicit_hessian():
     got = np.asarray(top_hessian_eigenvalue(_tiny_loss, stacked, batch, iters=1000, tol=0.0))
     assert got.shape == (2,)
     flat, unravel = ravel_pytree(models[0])
-    hess = jax.jit(jax.vmap(jax.hessian(lambda f: _tiny_loss(unravel(f), None, batch))))
+    hess = check_jit(jax.vmap(jax.hessian(lambda f: _tiny_loss(unravel(f), None, batch))))
     for h, g in zip(np.asarray(hess(jnp.stack([ravel_pytree(p)[0] for p in models])), np.float64), got):
         ev = np.linalg.eigvalsh((h + h.T) / 2)
         top = ev[np.argmax(np.abs(ev))]  # power iteration finds the eigenvalue of largest magnitude
