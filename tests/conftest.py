@@ -19,16 +19,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The tests' own jitted checks (a formulation against lax.conv, a model's logits under another conv, a Hessian
 # against its explicit form) run once on a few inputs, so compiling is nearly all their time: on CPU they compile
-# as the library's unlearning programs on small inputs do (training.ensemble.unlearning_compiler_options: LLVM
+# as the library's unlearning programs on small inputs do (training.ensemble.FAST_COMPILE_CPU_OPTIONS: LLVM
 # level 2, XLA's older fusion emitters). ResNet-18 w0.125's init and three applies: 6.5 s against 25.8 s by
 # default. (Level 0 compiles faster still but sums without vectorising: ResNet-9's BatchNorm gradients then
 # drift 6e-3 from lax.conv's.) The library's programs keep their own options.
-CHECK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
-
-
 def check_jit(fn, **kw):
-    """``jax.jit`` for a test's own check: :data:`CHECK_COMPILE_OPTIONS` on CPU, the default elsewhere."""
-    return jax.jit(fn, compiler_options=CHECK_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None, **kw)
+    """``jax.jit`` for a test's own check: ``FAST_COMPILE_CPU_OPTIONS`` on CPU, the default elsewhere."""
+    from jaxunlearn.training.ensemble import FAST_COMPILE_CPU_OPTIONS
+
+    return jax.jit(fn, compiler_options=FAST_COMPILE_CPU_OPTIONS if jax.default_backend() == "cpu" else None, **kw)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

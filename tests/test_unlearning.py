@@ -182,11 +182,11 @@ def test_unlearning_programs_compile_with_the_faster_cpu_options_only_for_small_
 
     tr, fns, states, data, logits = ensemble
     devs = base.model_devices(jax.devices("cpu")[:1], K, K)  # the CPU rule, whatever the default backend
-    small = base._program(base._grid_impl, (oracle_matching, K, devs), data)
+    small = base._program(base._grid_impl, oracle_matching, K, devs, data)
     assert small.options == {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
-    assert base._program(base._grid_impl, (oracle_matching, K, devs), data) is small
-    assert base._program(base._unlearn_impl, (oracle_matching, K, devs), data) is not small
+    assert base._program(base._grid_impl, oracle_matching, K, devs, data) is small
+    assert base._program(base._unlearn_impl, oracle_matching, K, devs, data) is not small
     cifar = data.replace(images=jnp.zeros((4, 32, 32, 3), jnp.uint8), labels=jnp.zeros(4, jnp.int32))
-    assert base._program(base._grid_impl, (oracle_matching, K, devs), cifar).options is None
+    assert base._program(base._grid_impl, oracle_matching, K, devs, cifar).options is None
     if jax.default_backend() != "cpu":  # an accelerator's programs compile with the default
-        assert base._program(base._grid_impl, (oracle_matching, K, base.model_devices(None, K, K)), data).options is None
+        assert base._program(base._grid_impl, oracle_matching, K, base.model_devices(None, K, K), data).options is None

@@ -157,8 +157,8 @@ def unlearn_ensemble(method: Callable, params, model_state, data: UnlearnData, f
     forget_idx, retain_idx = check_unlearn_inputs(params, data, forget_idx, retain_idx, targets, keys, model_state)
     check_config(method, config)
     devs = model_devices(devices, keys.shape[0], vmap_width)
-    return _program(_unlearn_impl, (method, vmap_width, devs), data)(config, params, model_state, data, forget_idx,
-                                                                     retain_idx, targets, keys)
+    return _program(_unlearn_impl, method, vmap_width, devs, data)(config, params, model_state, data, forget_idx,
+                                                                   retain_idx, targets, keys)
 
 
 def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forget_idx, retain_idx,
@@ -183,7 +183,7 @@ def unlearn_grid(method: Callable, params, model_state, data: UnlearnData, forge
     out: list = [None] * len(configs)
     for idxs in groups.values():
         stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *[configs[i] for i in idxs])
-        p, s, c = _program(_grid_impl, (method, vmap_width, devs), data)(
+        p, s, c = _program(_grid_impl, method, vmap_width, devs, data)(
             stacked, params, model_state, data, forget_idx, retain_idx, targets, keys)
         for j, i in enumerate(idxs):
             out[i] = jax.tree.map(lambda t: t[j], (p, s, c))
@@ -215,16 +215,15 @@ def _grid_impl(method, vmap_width, devices, configs, params, model_state, data, 
 _PROGRAMS: dict = {}
 
 
-def _program(impl, static: tuple, data: UnlearnData) -> Program:
-    """``impl`` with its static arguments (method, vmap_width, devices) bound, compiled once per argument
-    signature with :func:`~jaxunlearn.training.ensemble.unlearning_compiler_options` for these devices and
-    inputs (kept for the process, as ``jax.jit`` keeps its executables)."""
-    devices = static[-1]
+def _program(impl, method, vmap_width, devices, data: UnlearnData) -> Program:
+    """``impl`` with its static arguments bound, compiled once per argument signature with
+    :func:`~jaxunlearn.training.ensemble.unlearning_compiler_options` for these devices and inputs (kept for
+    the process, as ``jax.jit`` keeps its executables)."""
     options = unlearning_compiler_options(devices, tuple(data.images.shape[1:]))
-    key = (impl, static, tuple(sorted((options or {}).items())))
+    key = (impl, method, vmap_width, devices, tuple(sorted((options or {}).items())))
     program = _PROGRAMS.get(key)
     if program is None:
         name = "unlearn_grid" if impl is _grid_impl else "unlearn_ensemble"
-        program = _PROGRAMS[key] = Program(functools.partial(impl, *static), name, compiler_options=options,
-                                           devices=devices)
+        program = _PROGRAMS[key] = Program(functools.partial(impl, method, vmap_width, devices), name,
+                                           compiler_options=options, devices=devices)
     return program
