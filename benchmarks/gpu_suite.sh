@@ -10,6 +10,9 @@
 #   levers: the XLA option sets that might shorten the ResNet-9 step (the epoch's scan as one CUDA graph, while-loop
 #           double buffering, autotune levels), each compiled in a process of its own, the same MODELS-model bf16
 #           chunk on DATA_DIR (benchmarks/compile_options.py --isolate): run and compile time against the default's
+#   variants: the formulations of the bf16 ResNet-9 epoch side by side (benchmarks/step_variants.py: the library's,
+#           the strided convolution as it was, autodiff's BatchNorm, the optimizer flattened, the scan unrolled), MODELS
+#           models on DATA_DIR, then ours vs the PyTorch loop in the steady state only (peer_torch.py --steady-only)
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
 stage=$1; out=$2; mkdir -p "$out"
@@ -51,5 +54,13 @@ levers)
   run timeout ${TIMEOUT:-420} $py benchmarks/compile_options.py --model resnet9 --dtype bfloat16 --models ${MODELS:-8} \
       --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" --programs epoch --isolate \
       --json "$out/gpu_compile_options_resnet9_m${MODELS:-8}.json"
+  ;;
+variants)
+  m=${MODELS:-8}
+  run timeout ${TIMEOUT:-200} $py benchmarks/step_variants.py --model resnet9 --dtype bfloat16 --models "$m" --epochs 5 \
+      --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" \
+      --variants ${VARIANTS:-fused_bn xla autodiff_bn flat_optimizer unrolled} --json "$out/gpu_step_variants_resnet9_m$m.json"
+  run timeout ${TIMEOUT:-200} $py benchmarks/peer_torch.py --configs "resnet9:$m" --device cuda --steady-only \
+      --data-dir "$DATA_DIR" --skip "torch-vmap@resnet9:$m" --json "$out/gpu_peer_torch_resnet9_m${m}_steady.json"
   ;;
 esac

@@ -555,7 +555,7 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
     for r in range(repeats):
         cache = os.path.join(tmp, f"cache{r}")
         env = {"PYTHONPATH": REPO, **{k: v for k, v in os.environ.items() if k != "JAXUNLEARN_CACHE_DIR"}}
-        for phase in ("cold", "warm"):
+        for phase in () if opts.steady_only else ("cold", "warm"):
             out = os.path.join(tmp, f"run-{r}-{phase}")
             # -P: not the working folder first on sys.path, so that PYTHONPATH (revisions.py) picks the package
             cmd = [sys.executable, "-P", "-m", "jaxunlearn", "train", "--dataset", dataset, "--recipe", recipe_file,
@@ -567,6 +567,7 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
             log(f"  {model}/{models} ours {phase}: {wall:.1f}s (compiled {summary['compile']['compiled']} programs)")
         wall, res = _worker("ours", models, seed, data, recipe, opts)
         runs["ours_steady"].append({"wall": wall, **res})
+        acc.setdefault("ours", res["test_accuracy"])
         log(f"  {model}/{models} ours steady: {_steady(res['epoch_seconds']):.3f}s/epoch ({res['layout']})")
         for name in ("torch-loop", "torch-vmap"):
             if f"{name}@{model}:{models}" in skip:
@@ -590,10 +591,12 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
            "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
                     "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
                     "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"],
-                    "compile_cold": runs["ours_cold"][-1]["compile"], "compile_warm": runs["ours_warm"][-1]["compile"]},
+                    "compile_cold": runs["ours_cold"][-1]["compile"] if runs["ours_cold"] else None,
+                    "compile_warm": runs["ours_warm"][-1]["compile"] if runs["ours_warm"] else None},
            "raw": runs}
-    row["ours"]["startup_cold"] = row["ours"]["wall_cold"] - epochs * ours_steady
-    row["ours"]["startup_warm"] = row["ours"]["wall_warm"] - epochs * ours_steady
+    for phase in ("cold", "warm"):  # None with --steady-only
+        wall = row["ours"][f"wall_{phase}"]
+        row["ours"][f"startup_{phase}"] = None if wall is None else wall - epochs * ours_steady
     per_hour = lambda epoch_seconds: 3600 * models / (epochs * epoch_seconds)  # noqa: E731  (steady, whole recipe)
     row["ours"]["models_per_hour"] = per_hour(ours_steady)
     for name in ("torch-loop", "torch-vmap"):
@@ -617,8 +620,9 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
     row["accuracy_gap_points"] = 100 * gap
     row["void"] = gap > 0.005
     row["best_torch_wall"], row["best_torch_steady"] = best_wall, best_steady
-    row["ratio_wall_cold"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_cold"]
-    row["ratio_wall_warm"] = torch_rows[best_wall]["wall"] / row["ours"]["wall_warm"]
+    for phase in ("cold", "warm"):
+        wall = row["ours"][f"wall_{phase}"]
+        row[f"ratio_wall_{phase}"] = None if wall is None else torch_rows[best_wall]["wall"] / wall
     row["ratio_steady"] = torch_rows[best_steady]["steady_epoch_seconds"] / ours_steady
     if "fastest_model_epoch_seconds" in (row["torch-loop"] or {}):
         row["ratio_steady_vs_fastest_loop_model"] = row["torch-loop"]["fastest_model_epoch_seconds"] / ours_steady
@@ -651,8 +655,8 @@ def table(rows) -> str:
         void = " **void**" if r["void"] else ""
         lines.append(
             f"| {name}, {r['models']} models{void} | {f(o['wall_cold'])} / {f(o['wall_warm'])} / "
-            f"{f(lp and lp['wall'])} / {f(vm and vm['wall'])} | **{r['ratio_wall_cold']:.2f}** / "
-            f"**{r['ratio_wall_warm']:.2f}** ({r['best_torch_wall']}) | {f(o['steady_epoch_seconds'], 3)} / "
+            f"{f(lp and lp['wall'])} / {f(vm and vm['wall'])} | **{f(r['ratio_wall_cold'], 2)}** / "
+            f"**{f(r['ratio_wall_warm'], 2)}** ({r['best_torch_wall']}) | {f(o['steady_epoch_seconds'], 3)} / "
             f"{f(bt['steady_epoch_seconds'], 3)} ({r['best_torch_steady']}) | **{r['ratio_steady']:.2f}** | "
             f"{f(o.get('models_per_hour'), 0)} / {f(bt.get('models_per_hour'), 0)} | "
             f"{f(o['startup_cold'])} / {f(o['startup_warm'])} / {f(bw['startup'])} | "
@@ -678,6 +682,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="override the recipe's dtype for ours (default: float32 on "
                                                  "cpu, bfloat16 with --device cuda)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steady-only", action="store_true",
+                   help="leave out our whole-process runs (jaxunlearn train, cold and warm): steady state only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], help="e.g. torch-vmap@cnn:256 (a slow peer left out)")
     p.add_argument("--timeout", type=float, default=None, help="stop a torch process after this many seconds")

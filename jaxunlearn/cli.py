@@ -52,7 +52,7 @@ def add_train_args(p):
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--chunk", type=int, default=None, help="models trained at once (default: from free memory)")
-    p.add_argument("--conv-impl", default=None, help="im2col, xla, xla_canonical, shift, xla_nchw or winograd "
+    p.add_argument("--conv-impl", default=None, help="im2col, xla, xla_canonical, shift, xla_nchw, winograd or xla_s2d "
                    "(default: the measured best for the backend, training/strategy.py)")
     p.add_argument("--vmap-width", type=int, default=None,
                    help="models vmapped together on each device (a chunk goes to only as many devices as keep this "

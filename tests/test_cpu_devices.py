@@ -72,7 +72,7 @@ def test_default_layout_per_device_count():
     assert default_strategy("resnet9", "cpu", 8, 2).conv_impl == "winograd"
     assert default_strategy("resnet9", "cpu", 8).conv_impl == "winograd"
     assert default_strategy("resnet18", "cpu", 8, 2).conv_impl == "im2col"
-    assert default_strategy("resnet9", "gpu", 8, 2).conv_impl == "xla"
+    assert default_strategy("resnet9", "gpu", 8, 2).conv_impl == "xla_s2d"
 
 
 def test_ensemble_layout_clips_the_width_to_a_share():

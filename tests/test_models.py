@@ -1,5 +1,6 @@
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.models import CONV_FNS, make_model, max_pool_2x2, xla_conv
-from jaxunlearn.models.layers import WINOGRAD_MIN_CHANNELS
+from jaxunlearn.models.layers import WINOGRAD_MIN_CHANNELS, BatchNormReLU, batch_norm_relu
 from conftest import check_jit
 
 
@@ -39,7 +40,8 @@ SHAPES = [(3, 1, 1), (5, 2, 2), (3, 1, 0), (1, 2, 0), (3, 2, 1), (1, 1, 1)]
 # two (a strided padded one and an unpadded one) for the plain re-wirings; one for winograd at 3 channels
 # (im2col there; its own arithmetic has the test after this one)
 CASES = [(impl, *shape) for impl in ("im2col", "xla_canonical") for shape in SHAPES] + \
-        [(impl, *shape) for impl in ("shift", "xla_nchw") for shape in SHAPES[1:3]] + [("winograd", *SHAPES[1])]
+        [(impl, *shape) for impl in ("shift", "xla_nchw") for shape in SHAPES[1:3]] + [("winograd", *SHAPES[1])] + \
+        [("xla_s2d", 5, 2, 2), ("xla_s2d", 6, 2, 1), ("xla_s2d", 3, 2, 1)]  # the 2x2-block path, and a strided 3x3
 
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 1, 0), (5, 2, 2), (6, 2, 1)])
@@ -239,3 +241,77 @@ def test_bad_model_names():
         make_model("transformer", 10)
     with pytest.raises(JaxUnlearnError, match="unknown conv implementation"):
         make_model("cnn", 10, impl="fft")
+
+
+class _FlaxBatchNormReLU(nn.Module):
+    """What ``ConvBN`` computed before :class:`BatchNormReLU`: flax's BatchNorm, then ReLU."""
+    train: bool
+
+    @nn.compact
+    def __call__(self, x):
+        bn = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=x.dtype,
+                          name="BatchNorm_0")
+        return nn.relu(bn(x))
+
+
+class _BatchNormReLU(nn.Module):
+    train: bool
+
+    @nn.compact
+    def __call__(self, x):
+        return BatchNormReLU(use_running_average=not self.train, name="BatchNorm_0")(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_norm_relu_is_flax_batchnorm_then_relu(dtype):
+    """Same variables, values, running statistics and gradients as nn.BatchNorm + nn.relu, in training and eval
+    mode; its written-out backward pass against autodiff's (bfloat16: within one rounding of the input gradient)."""
+    x = (normal(0, 8, 6, 6, 16) * 2 + 0.5).astype(dtype)
+    cot = normal(1, 8, 6, 6, 16)
+    ref_vars = _FlaxBatchNormReLU(True).init(jax.random.key(0), x)
+    new_vars = _BatchNormReLU(True).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ref_vars) == jax.tree.map(jnp.shape, new_vars)
+    for a, b in zip(jax.tree.leaves(ref_vars), jax.tree.leaves(new_vars)):  # init: ones, zeros, 0 and 1
+        np.testing.assert_array_equal(a, b)
+    params = {"BatchNorm_0": {"scale": 0.5 + jnp.abs(normal(2, 16)), "bias": 0.3 * normal(3, 16)}}
+    stats = {"BatchNorm_0": {"mean": 0.1 * normal(4, 16), "var": 1 + jnp.abs(normal(5, 16))}}
+
+    def train_out(module, params, x):
+        y, new = module(True).apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return (y.astype(jnp.float32) * cot).sum(), (y, new["batch_stats"])
+
+    results = [check_jit(jax.value_and_grad(partial(train_out, m), (0, 1), has_aux=True))(params, x)
+               for m in (_FlaxBatchNormReLU, _BatchNormReLU)]
+    ((_, (y0, s0)), (gp0, gx0)), ((_, (y1, s1)), (gp1, gx1)) = results
+    assert y1.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y0, np.float32), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s0) + jax.tree.leaves(gp0), jax.tree.leaves(s1) + jax.tree.leaves(gp1)):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5)
+    gx0, gx1 = (np.asarray(g, np.float32) for g in (gx0, gx1))
+    tol = 1e-5 if dtype == "float32" else 2 ** -7  # bfloat16: the input gradient is rounded once, differently
+    np.testing.assert_allclose(gx1, gx0, rtol=0, atol=tol * np.abs(gx0).max())
+    evals = [m(False).apply({"params": params, "batch_stats": stats}, x) for m in (_FlaxBatchNormReLU, _BatchNormReLU)]
+    np.testing.assert_array_equal(np.asarray(evals[1], np.float32), np.asarray(evals[0], np.float32))
+
+
+def test_batch_norm_relu_gradients_of_its_statistics_and_second_order():
+    """The returned batch mean and variance carry their gradients too, and a Hessian-vector product
+    (forward-over-reverse, as ``metrics.unrolling`` takes them) goes through the written-out backward pass."""
+    scale, bias, w = 0.5 + jnp.abs(normal(6, 16)), 0.3 * normal(7, 16), normal(8, 8, 6, 6, 16)
+    a, b = normal(9, 16), normal(10, 16)
+
+    def loss(bn_relu, x):
+        y, mean, var = bn_relu(x)
+        return (y * w).sum() + (mean * a).sum() + (var * b).sum()
+
+    def by_hand(x):  # BatchNorm's definition, differentiated by JAX
+        mean = x.mean((0, 1, 2))
+        var = jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean)
+        return jnp.maximum((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, 0.0), mean, var
+
+    fns = [partial(loss, lambda x: batch_norm_relu(x, scale, bias, 1e-5)), partial(loss, by_hand)]
+    x, v = normal(11, 8, 6, 6, 16), normal(12, 8, 6, 6, 16)
+    g1, g0 = (check_jit(jax.grad(f))(x) for f in fns)
+    np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-5 * np.abs(g0).max())
+    h1, h0 = (check_jit(lambda x, f=f: jax.jvp(jax.grad(f), (x,), (v,))[1])(x) for f in fns)
+    np.testing.assert_allclose(h1, h0, rtol=1e-4, atol=1e-4 * np.abs(h0).max())

@@ -46,8 +46,8 @@ def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1
         # one at a time by 10-20 %. ResNet-9 (width 0.25) fills the cores alone: width 2 = width 1.
         return Strategy(_cpu_conv(model), min(n_models, 4) if model == "cnn" else 1)
     # GPU: one model at a time with cuDNN convs, measured on an H100 (ResNet-9, 5.01 vs 2.98 model-epochs/s
-    # for vmapping 8 into grouped convs; benchmarks/RESULTS.md)
-    return Strategy("xla", 1)
+    # for vmapping 8 into grouped convs; benchmarks/RESULTS.md), no strided convolution (layers.xla_s2d_conv)
+    return Strategy("xla_s2d", 1)
 
 
 def _cpu_per_core(model: str, share: int) -> Strategy:

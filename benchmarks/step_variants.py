@@ -1,0 +1,174 @@
+"""Formulations of one training epoch, side by side in one process: which one runs fastest on this device.
+
+    python benchmarks/step_variants.py --model resnet9 --data-dir CIFAR --dtype bfloat16 --models 8 --json FILE
+    python benchmarks/step_variants.py --model cnn --models 64 --json FILE         # digits CNN on this CPU
+
+The epoch program of ``train``'s layout for ``--models`` models (``train_chunk.py``), built once per variant:
+
+* ``fused_bn``: the library as it is (``ConvBN``'s BatchNorm + ReLU with the backward pass written out,
+  ``layers.batch_norm_relu``);
+* ``autodiff_bn``: ``nn.BatchNorm`` then ``nn.relu``, differentiated by JAX (the formulation before it);
+* ``unrolled``: the library's, with the epoch's ``lax.scan`` over steps unrolled (no while loop per step);
+* ``flat_optimizer``: the library's, with the optimizer run on the parameters raveled into one vector
+  (``optax.flatten``: one fused update instead of one per parameter array);
+* ``xla_nchw``: the library's, with the convolutions in NCHW / OIHW layout (``layers.xla_nchw_conv``);
+* ``xla``: the library's, with the strided convolutions as they are (``layers.xla_conv``) rather than ``train``'s
+  choice (on a GPU ``xla_s2d``: stride 1 only).
+
+Variants combine with ``+`` (``flat_optimizer+unrolled``).
+
+Each is compiled and run for one untimed epoch, then timed over ``--epochs`` epochs (the median; every
+epoch waited for). XLA keeps autotuning results in the process, so only the first variant's compile is a
+cold one: compare run times, not compile times. ``max_param_diff`` is the largest difference of the
+trained parameters from the first variant's (rounding: the formulations compute the same function).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VARIANTS = ("fused_bn", "autodiff_bn", "unrolled", "flat_optimizer", "xla_nchw", "xla")
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    """The library's functions as the variant needs them, restored afterwards."""
+    import flax.linen as nn
+    import optax
+
+    from jaxunlearn.models import layers
+    from jaxunlearn.training import step
+
+    saved = (layers.BatchNormReLU, step.make_optimizer)
+    parts = name.split("+")
+    if "autodiff_bn" in parts:
+        class AutodiffBatchNormReLU(nn.BatchNorm):  # the same variables as the library's layer
+            def __call__(self, x):
+                return nn.relu(nn.BatchNorm.__call__(self, x.astype(x.dtype)).astype(x.dtype))
+
+        layers.BatchNormReLU = lambda use_running_average, name: AutodiffBatchNormReLU(
+            use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name)
+    if "flat_optimizer" in parts:
+        step.make_optimizer = lambda recipe, steps: optax.flatten(saved[1](recipe, steps))
+    try:
+        yield
+    finally:
+        layers.BatchNormReLU, step.make_optimizer = saved
+
+
+def _unrolled(trainer, steps: int):
+    """``trainer.run_epoch`` with its scan over steps unrolled."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def run_epoch(state, images, labels, mask, model_key, epoch):
+        aug_key = jax.random.fold_in(model_key, 2)
+
+        def body(state, idx):
+            return trainer.train_step(state, images[idx], labels[idx], jax.random.fold_in(aug_key, state.step))
+
+        state, metrics = lax.scan(body, state, trainer.batch_indices(mask, model_key, epoch), unroll=steps)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return trainer._replace(run_epoch=run_epoch)
+
+
+def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int) -> dict:
+    import jax
+    import numpy as np
+
+    from train_chunk import train_chunk
+
+    from jaxunlearn.training.ensemble import EnsembleFns
+    from jaxunlearn.training.step import make_trainer
+    from jaxunlearn.training.subsets import steps_per_epoch
+
+    with _variant(name):
+        c = train_chunk(recipe, dataset, models, seed)
+        parts = name.split("+")
+        impl = next((p for p in parts if p in ("xla_nchw", "xla")), None)
+        if "unrolled" in parts or impl:
+            steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
+            trainer = c.trainer
+            if impl:
+                trainer = make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
+                                       steps, impl)
+            if "unrolled" in parts:
+                trainer = _unrolled(trainer, steps)
+            c.fns = EnsembleFns(trainer, models, c.vmap_width, c.devices)
+            c.layout = f"{impl or c.layout.split(':')[0]}:{c.layout.split(':', 1)[1]}"
+        states, keys = jax.block_until_ready(c.fns.init_models(np.int32(seed), c.ids))
+        t = time.perf_counter()
+        states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(0))
+        jax.block_until_ready(states)
+        first = time.perf_counter() - t
+        times = []
+        for e in range(1, epochs + 1):
+            t = time.perf_counter()
+            states, metrics = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(e))
+            jax.block_until_ready(states)
+            times.append(time.perf_counter() - t)
+    return {"first_epoch_seconds": first, "epoch_seconds": times, "median_epoch_seconds": statistics.median(times),
+            "layout": c.layout, "params": jax.device_get(states.params),
+            "loss": float(np.mean(np.asarray(metrics["loss"])))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet9", choices=["cnn", "resnet9"])
+    p.add_argument("--models", type=int, default=8)
+    p.add_argument("--data-dir", default=None, help="resnet9: the CIFAR-10 python archive folder")
+    p.add_argument("--width", type=float, default=None)
+    p.add_argument("--dtype", default=None, help="override the recipe's dtype (bfloat16 on a GPU)")
+    p.add_argument("--epochs", type=int, default=5, help="timed epochs after the untimed first one")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}, or several joined by +")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    for v in a.variants:
+        if not v or any(part not in VARIANTS for part in v.split("+")):
+            raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)} (or several joined by +)")
+
+    import jax
+    import numpy as np
+
+    from jaxunlearn.cpu_devices import use_one_cpu_device_per_core
+
+    use_one_cpu_device_per_core()
+    from jaxunlearn.data import load_dataset
+    from jaxunlearn.training.recipe import RECIPES
+    from jaxunlearn.utils import write_json_atomic
+
+    recipe = RECIPES["cifar10-resnet9" if a.model == "resnet9" else "digits-cnn"]
+    over = {k: v for k, v in (("width", a.width), ("dtype", a.dtype)) if v is not None}
+    recipe = recipe.replace(**over) if over else recipe
+    dataset = load_dataset("cifar10" if a.model == "resnet9" else "digits", a.data_dir)
+    rows, ref = {}, None
+    for name in a.variants:
+        r = time_variant(name, recipe, dataset, a.models, a.seed, a.epochs)
+        params = r.pop("params")
+        ref = params if ref is None else ref
+        r["max_param_diff"] = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                                  for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(params)))
+        rows[name] = r
+        base = rows[a.variants[0]]["median_epoch_seconds"]
+        print(f"{name:15s} {r['median_epoch_seconds']:.4f} s/epoch ({base / r['median_epoch_seconds']:.3f}x the "
+              f"first)  first epoch {r['first_epoch_seconds']:.1f} s  loss {r['loss']:.4f}  max param diff "
+              f"{r['max_param_diff']:.2e}", flush=True)
+        if a.json:
+            write_json_atomic(a.json, {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                       "model": a.model, "models": a.models, "recipe": recipe.to_dict(),
+                                       "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
