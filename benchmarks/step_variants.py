@@ -19,8 +19,11 @@ Variants combine with ``+`` (``flat_optimizer+unrolled``).
 
 Each is compiled and run for one untimed epoch, then timed over ``--epochs`` epochs (the median; every
 epoch waited for). XLA keeps autotuning results in the process, so only the first variant's compile is a
-cold one: compare run times, not compile times. ``max_param_diff`` is the largest difference of the
-trained parameters from the first variant's (rounding: the formulations compute the same function).
+cold one: compare run times, not compile times. The persistent compile cache is switched off: its stored
+programs are keyed by the library's source, which a variant swaps at run time. ``max_param_diff`` is the
+largest difference of the trained parameters from the first variant's after every epoch's steps: SGD
+amplifies rounding along them, so it shows how far the runs drifted apart, not whether a formulation is
+right (the tests check each against the one it replaces).
 """
 from __future__ import annotations
 
@@ -143,6 +146,7 @@ def main(argv=None) -> int:
     from jaxunlearn.cpu_devices import use_one_cpu_device_per_core
 
     use_one_cpu_device_per_core()
+    from jaxunlearn.compile_cache import enable_compile_cache
     from jaxunlearn.data import load_dataset
     from jaxunlearn.training.recipe import RECIPES
     from jaxunlearn.utils import write_json_atomic
@@ -151,6 +155,7 @@ def main(argv=None) -> int:
     over = {k: v for k, v in (("width", a.width), ("dtype", a.dtype)) if v is not None}
     recipe = recipe.replace(**over) if over else recipe
     dataset = load_dataset("cifar10" if a.model == "resnet9" else "digits", a.data_dir)
+    enable_compile_cache(None)  # every variant compiled here: none loads another's stored program
     rows, ref = {}, None
     for name in a.variants:
         r = time_variant(name, recipe, dataset, a.models, a.seed, a.epochs)

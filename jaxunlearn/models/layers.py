@@ -81,7 +81,7 @@ def _narrow_im2col_conv(x, kernel, stride: int, padding: int):
     read, 0.48 s of a 5.5 s step at width 1, batch 512). Transposing the k·k·C-wide patches instead, built from
     x directly, moves less and reads x once. Values equal autodiff's to float32 rounding (tested). A custom VJP
     has no forward mode: ``jax.jvp`` / ``jacfwd`` through such a layer raise (reverse mode and forward-over-reverse,
-    as Hessian-vector products use, work); ``impl="xla"`` has both."""
+    as Hessian-vector products use, work), as through :func:`batch_norm_relu`, every ``ConvBN`` in training mode."""
     return _im2col(x, kernel, stride, padding)
 
 
@@ -303,7 +303,10 @@ def batch_norm_relu(x, scale, bias, epsilon: float):
     and normalisation in float32 whatever x's dtype, variance as E[x²] - E[x]² clipped at 0), with a backward pass
     written out: two per-channel sums of the output's gradient and one elementwise pass, reading only x and the
     output (both kept for the next layer anyway) instead of whatever autodiff of the two layers keeps.
-    x: T[..., C] (T float32 or bfloat16), scale, bias: f32[C] -> (y T[..., C], mean f32[C], var f32[C])."""
+    x: T[..., C] (T float32 or bfloat16), scale, bias: f32[C] -> (y T[..., C], mean f32[C], var f32[C]).
+    A custom VJP: reverse mode and forward-over-reverse (Hessian-vector products) work, forward mode alone
+    (``jax.jvp``, ``jacfwd``) raises; eval mode (running statistics) is plain JAX. The gradient ignores the
+    variance's clip at 0, which only binds for a channel that is constant over the batch."""
     return _batch_norm_relu_fwd(x, scale, bias, epsilon)[0]
 
 
