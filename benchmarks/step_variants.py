@@ -54,7 +54,7 @@ def _variant(name: str):
     if "autodiff_bn" in parts:
         class AutodiffBatchNormReLU(nn.BatchNorm):  # the same variables as the library's layer
             def __call__(self, x):
-                return nn.relu(nn.BatchNorm.__call__(self, x.astype(x.dtype)).astype(x.dtype))
+                return nn.relu(nn.BatchNorm.__call__(self, x).astype(x.dtype))
 
         layers.BatchNormReLU = lambda use_running_average, name: AutodiffBatchNormReLU(
             use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name)
@@ -91,23 +91,14 @@ def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int
     from train_chunk import train_chunk
 
     from jaxunlearn.training.ensemble import EnsembleFns
-    from jaxunlearn.training.step import make_trainer
     from jaxunlearn.training.subsets import steps_per_epoch
 
     with _variant(name):
-        c = train_chunk(recipe, dataset, models, seed)
         parts = name.split("+")
-        impl = next((p for p in parts if p in ("xla_nchw", "xla")), None)
-        if "unrolled" in parts or impl:
+        c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None))
+        if "unrolled" in parts:
             steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
-            trainer = c.trainer
-            if impl:
-                trainer = make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                                       steps, impl)
-            if "unrolled" in parts:
-                trainer = _unrolled(trainer, steps)
-            c.fns = EnsembleFns(trainer, models, c.vmap_width, c.devices)
-            c.layout = f"{impl or c.layout.split(':')[0]}:{c.layout.split(':', 1)[1]}"
+            c.fns = EnsembleFns(_unrolled(c.trainer, steps), models, c.vmap_width, c.devices)
         states, keys = jax.block_until_ready(c.fns.init_models(np.int32(seed), c.ids))
         t = time.perf_counter()
         states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(0))

@@ -5,6 +5,7 @@ profile its programs (``peer_torch.py``, ``step_profile.py``, ``compile_options.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -16,13 +17,15 @@ from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.training.subsets import random_subset_masks, steps_per_epoch
 
 
-def train_chunk(recipe, dataset, n_models: int, seed: int) -> SimpleNamespace:
+def train_chunk(recipe, dataset, n_models: int, seed: int, conv_impl: str | None = None) -> SimpleNamespace:
     """``n_models`` α = 0.5 models of ``recipe`` on ``dataset``: the layout ``train`` picks for a chunk of
-    them on this machine's devices (``ensemble_layout``), its :class:`EnsembleFns`, and the chunk's
+    them on this machine's devices (``ensemble_layout``; ``conv_impl`` overrides its conv formulation, as
+    ``train --conv-impl`` does), its :class:`EnsembleFns`, and the chunk's
     inputs on the devices: ``images`` u8[n, ...], ``labels`` i32[n], ``masks`` bool[k, n] and ``ids``
     u32[k] (for ``fns.init_models(seed, ids)``), the per-model ones split as the programs take them."""
     masks = random_subset_masks(dataset.n_train, n_models, 0.5, seed)
     devices, strat = ensemble_layout(recipe.model, n_models, jax.local_devices())
+    strat = strat if conv_impl is None else dataclasses.replace(strat, conv_impl=conv_impl)
     trainer = make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
                            steps_per_epoch(masks, recipe.batch_size), strat.conv_impl)
     fns = EnsembleFns(trainer, n_models, strat.vmap_width, devices)

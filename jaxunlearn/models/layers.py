@@ -333,11 +333,12 @@ def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     n = x.size // x.shape[-1]
     rstd = lax.rsqrt(var + epsilon)
-    xhat = (x.astype(acc) - mean) * rstd
+    centered = x.astype(acc) - mean
+    xhat = centered * rstd
     g = jnp.where(y > 0, dy.astype(acc), 0.0)  # through the ReLU: y > 0 exactly where its input is (no underflow)
     dbias, dxhat_sum = _channel_sums(g, g * xhat)
     # d/dx of the normalised output, plus the (usually zero) gradients of the returned mean and variance
-    dx = (scale * rstd) * (g - (dbias + xhat * dxhat_sum) / n) + (dmean + 2.0 * dvar * (x.astype(acc) - mean)) / n
+    dx = (scale * rstd) * (g - (dbias + xhat * dxhat_sum) / n) + (dmean + 2.0 * dvar * centered) / n
     return dx.astype(x.dtype), dxhat_sum, dbias
 
 
