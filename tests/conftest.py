@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -5,7 +6,19 @@ import tempfile
 import jax
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Compiling is about half of the suite's CPU time. Without a GPU plugin, every program of the suite (the library's
+# too, in-process and in CLI subprocesses) compiles as the library already compiles its unlearning programs on
+# small inputs, training.ensemble.FAST_COMPILE_CPU_OPTIONS: LLVM level 2 instead of XLA's default 3, and XLA's
+# older fusion emitters. Measured on the 2-core machine, test_models, _training, _localization and _unrolling
+# (-n 2) back to back: 285.6 -> 235.0 CPU-s, 147 -> 122 s (level 2 alone: 247.2 CPU-s; its whole-suite run showed
+# no gain, against 12 % fewer CPU-s with both, in runs an hour apart on a machine whose speed drifts by 10 %).
+# The older emitters slow the README example alone (64.9 -> 82.7 s against level 2 alone) and win elsewhere. Values differ from the default's by float rounding; every
+# comparison in the suite is between programs compiled alike. Programs given their own options keep them
+# (EnsembleFns.init's level 0). The default is what `jaxunlearn demo` and benchmarks/ run. (Not with a GPU: the
+# level applies to its kernels too.)
+_GPU_PLUGIN = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1" + (
+    "" if _GPU_PLUGIN else " --xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"))
 # CLI calls (in-process and in subprocesses) share one compilation cache per test session, never the user's:
 # the runs of one configuration that many tests make (resume, workers, layouts) compile it once. Tests of the
 # cache itself give their own folders. The controller (or the only process) removes it at the end.
@@ -28,6 +41,13 @@ def check_jit(fn, **kw):
     from jaxunlearn.training.ensemble import FAST_COMPILE_CPU_OPTIONS
 
     return jax.jit(fn, compiler_options=FAST_COMPILE_CPU_OPTIONS if jax.default_backend() == "cpu" else None, **kw)
+
+
+def xla_flags(devices: int) -> str:
+    """This suite's XLA_FLAGS with ``devices`` host-platform devices (for a CLI subprocess that must compile as
+    the suite does, e.g. to be compared bit for bit with an in-process run)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -172,7 +172,7 @@ def test_resnet9_cpu_formulation_trains_like_lax_conv(width=0.5):
     the loss gradient of every parameter equal lax.conv's. (Which layers take Winograd at the 32-channel
     threshold: the test of that above; Winograd's arithmetic at any channel count: the tests before it.)"""
     x, y = normal(3, 4, 32, 32, 3), jnp.arange(4) % 10
-    v = make_model("resnet9", 10, width).init(jax.random.key(0), x, train=False)
+    v = check_jit(lambda x: make_model("resnet9", 10, width).init(jax.random.key(0), x, train=False))(x)
 
     def logits_and_grads(impl):
         m = make_model("resnet9", 10, width, impl=impl)

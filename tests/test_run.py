@@ -13,7 +13,7 @@ import pytest
 from jaxunlearn.cli import main
 from jaxunlearn.training.recipe import RECIPES, load_recipe
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 TRAIN = ["train", "--dataset", "digits", "--recipe", "digits-cnn", "--epochs", "3", "--models", "8", "--chunk", "2",
          "--no-progress"]
@@ -427,7 +427,7 @@ def test_two_workers_on_one_folder_give_the_single_process_run(reference_run, tm
 
 
 def _two_device_cli(args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     return subprocess.run([sys.executable, "-m", "jaxunlearn", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -461,7 +461,7 @@ def test_two_local_devices_share_each_chunk_bit_identically(reference_run, tmp_p
     one = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(load_models(out))])
     script = tmp_path / "load.py"
     script.write_text(LOAD_MODELS)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     r = subprocess.run([sys.executable, str(script), out, str(tmp_path / "two.npy")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.split()[-1] == "2", r.stderr[-2000:]
