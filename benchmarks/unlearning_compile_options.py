@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         lowered, args = lowered_for(method, k)
         small = lowered_for(method, 2) if a.subset_check else None
         reference = None
-        for cand in a.candidates:
+        for cand in sorted(a.candidates, key=lambda c: c != "default"):  # "default" first: the reference
             opts = CANDIDATES[cand]
             t = time.perf_counter()
             compiled = lowered.compile(compiler_options=opts) if opts else lowered.compile()

@@ -6,19 +6,22 @@ import tempfile
 import jax
 import pytest
 
-# Compiling is about half of the suite's CPU time. Without a GPU plugin, every program of the suite (the library's
-# too, in-process and in CLI subprocesses) compiles as the library already compiles its unlearning programs on
-# small inputs, training.ensemble.FAST_COMPILE_CPU_OPTIONS: LLVM level 2 instead of XLA's default 3, and XLA's
-# older fusion emitters. Measured on the 2-core machine, test_models, _training, _localization and _unrolling
-# (-n 2) back to back: 285.6 -> 235.0 CPU-s, 147 -> 122 s (level 2 alone: 247.2 CPU-s; its whole-suite run showed
-# no gain, against 12 % fewer CPU-s with both, in runs an hour apart on a machine whose speed drifts by 10 %).
-# The older emitters slow the README example alone (64.9 -> 82.7 s against level 2 alone) and win elsewhere. Values differ from the default's by float rounding; every
-# comparison in the suite is between programs compiled alike. Programs given their own options keep them
-# (EnsembleFns.init's level 0). The default is what `jaxunlearn demo` and benchmarks/ run. (Not with a GPU: the
+# Compiling is about half of the suite's CPU time. Without a GPU plugin (and unless XLA_FLAGS is set already), the
+# suite's programs (the library's too, in-process and in the CLI subprocesses that inherit XLA_FLAGS or take
+# xla_flags() below) compile as the library compiles its unlearning programs on small inputs,
+# training.ensemble.FAST_COMPILE_CPU_OPTIONS: LLVM level 2 instead of XLA's default 3, and XLA's older fusion
+# emitters. Measured on the 2-core machine, test_models, _training, _localization and _unrolling (-n 2) back to
+# back: 285.6 -> 235.0 CPU-s, 147 -> 122 s (level 2 alone: 247.2 CPU-s, and its whole-suite run showed no gain,
+# against 12 % fewer CPU-s with both, in runs an hour apart on a machine whose speed drifts by 10 %). The older
+# emitters slow the README example alone (64.9 -> 82.7 s against level 2 alone) and win elsewhere. A program
+# given its own options keeps those (EnsembleFns.init's level 0; the outputs program's emitters, at level 2
+# here). What users compile is checked where it matters: default_jit (below) compiles a reference with XLA's
+# defaults, and the compile-cache tests run their CLI subprocesses under them (the jaxlib bug they guard
+# against is one of XLA's defaults); `jaxunlearn demo` and benchmarks/ run the defaults. (Not with a GPU: the
 # level applies to its kernels too.)
 _GPU_PLUGIN = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1" + (
-    "" if _GPU_PLUGIN else " --xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"))
+_FAST_COMPILE_FLAGS = "" if _GPU_PLUGIN else " --xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1" + _FAST_COMPILE_FLAGS)
 # CLI calls (in-process and in subprocesses) share one compilation cache per test session, never the user's:
 # the runs of one configuration that many tests make (resume, workers, layouts) compile it once. Tests of the
 # cache itself give their own folders. The controller (or the only process) removes it at the end.
@@ -41,6 +44,14 @@ def check_jit(fn, **kw):
     from jaxunlearn.training.ensemble import FAST_COMPILE_CPU_OPTIONS
 
     return jax.jit(fn, compiler_options=FAST_COMPILE_CPU_OPTIONS if jax.default_backend() == "cpu" else None, **kw)
+
+
+XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+def default_jit(fn, **kw):
+    """``jax.jit`` compiled as users compile it, XLA's own CPU defaults (the suite's XLA_FLAGS set others)."""
+    return jax.jit(fn, compiler_options=XLA_CPU_DEFAULTS if jax.default_backend() == "cpu" else None, **kw)
 
 
 def xla_flags(devices: int) -> str:
@@ -72,8 +83,9 @@ def cifar_mini_dir():
 
 # the slowest modules first (by their measured durations): under `-n 2 --dist loadfile` one worker
 # takes the demo while the other works through the rest, and the short modules fill in at the end
-SLOWEST_FIRST = ["test_pipeline", "test_scale_out", "test_training", "test_run", "test_localization", "test_baselines",
-                 "test_dkvb", "test_unrolling", "test_compile_cache", "test_models", "test_unlearning", "test_attribution"]
+SLOWEST_FIRST = ["test_pipeline", "test_readme_example", "test_scale_out", "test_training", "test_run",
+                 "test_localization", "test_baselines", "test_dkvb", "test_unrolling", "test_compile_cache", "test_models",
+                 "test_unlearning", "test_attribution"]
 
 
 def pytest_sessionfinish(session):

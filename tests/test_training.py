@@ -9,6 +9,8 @@ from jaxunlearn.metrics import accuracy_from_logits, margins_from_logits
 from jaxunlearn.training import RECIPES, EnsembleFns, make_trainer, random_subset_masks, retain_masks, train_ensemble
 from jaxunlearn.training.ensemble import model_keys
 from jaxunlearn.training.loop import train_one_by_one
+
+from conftest import default_jit
 from jaxunlearn.training.recipe import triangle_schedule
 from jaxunlearn.training.subsets import subset_batches, steps_per_epoch
 
@@ -134,7 +136,7 @@ def test_ensemble_init_compiled_unoptimised_is_bit_identical(digits, model, widt
     # keys and init in one program (what train_ensemble runs): the same keys, the same states
     both, both_keys = fns.init_models(np.int32(3), np.arange(4, dtype=np.uint32))
     np.testing.assert_array_equal(jax.random.key_data(both_keys), jax.random.key_data(keys))
-    single = jax.jit(tr.init)
+    single = default_jit(tr.init)  # XLA's own defaults, not the suite's faster-compiling flags (conftest)
     for i in range(4):
         want = jax.tree.leaves(single(keys[i]))
         for a, b, c in zip(jax.tree.leaves(stacked), jax.tree.leaves(both), want):
