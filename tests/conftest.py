@@ -6,6 +6,8 @@ import tempfile
 import jax
 import pytest
 
+from jaxunlearn.training.ensemble import FAST_COMPILE_CPU_OPTIONS  # imports jax only: no backend started yet
+
 # Compiling is about half of the suite's CPU time. Without a GPU plugin (and unless XLA_FLAGS is set already), the
 # suite's programs (the library's too, in-process and in the CLI subprocesses that inherit XLA_FLAGS or take
 # xla_flags() below) compile as the library compiles its unlearning programs on small inputs,
@@ -20,8 +22,8 @@ import pytest
 # against is one of XLA's defaults); `jaxunlearn demo` and benchmarks/ run the defaults. (Not with a GPU: the
 # level applies to its kernels too.)
 _GPU_PLUGIN = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-_FAST_COMPILE_FLAGS = "" if _GPU_PLUGIN else " --xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=false"
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1" + _FAST_COMPILE_FLAGS)
+_FAST_COMPILE_FLAGS = [] if _GPU_PLUGIN else [f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE_CPU_OPTIONS.items()]
+os.environ.setdefault("XLA_FLAGS", " ".join(["--xla_force_host_platform_device_count=1", *_FAST_COMPILE_FLAGS]))
 # CLI calls (in-process and in subprocesses) share one compilation cache per test session, never the user's:
 # the runs of one configuration that many tests make (resume, workers, layouts) compile it once. Tests of the
 # cache itself give their own folders. The controller (or the only process) removes it at the end.
@@ -39,11 +41,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # level 2, XLA's older fusion emitters). ResNet-18 w0.125's init and three applies: 6.5 s against 25.8 s by
 # default. (Level 0 compiles faster still but sums without vectorising: ResNet-9's BatchNorm gradients then
 # drift 6e-3 from lax.conv's.) The library's programs keep their own options.
+def _cpu_jit(fn, cpu_options: dict, **kw):
+    """``jax.jit`` compiled with ``cpu_options`` on CPU, XLA's defaults elsewhere."""
+    return jax.jit(fn, compiler_options=cpu_options if jax.default_backend() == "cpu" else None, **kw)
+
+
 def check_jit(fn, **kw):
     """``jax.jit`` for a test's own check: ``FAST_COMPILE_CPU_OPTIONS`` on CPU, the default elsewhere."""
-    from jaxunlearn.training.ensemble import FAST_COMPILE_CPU_OPTIONS
-
-    return jax.jit(fn, compiler_options=FAST_COMPILE_CPU_OPTIONS if jax.default_backend() == "cpu" else None, **kw)
+    return _cpu_jit(fn, FAST_COMPILE_CPU_OPTIONS, **kw)
 
 
 XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
@@ -51,7 +56,7 @@ XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emi
 
 def default_jit(fn, **kw):
     """``jax.jit`` compiled as users compile it, XLA's own CPU defaults (the suite's XLA_FLAGS set others)."""
-    return jax.jit(fn, compiler_options=XLA_CPU_DEFAULTS if jax.default_backend() == "cpu" else None, **kw)
+    return _cpu_jit(fn, XLA_CPU_DEFAULTS, **kw)
 
 
 def xla_flags(devices: int) -> str:
