@@ -9,8 +9,9 @@ The epoch program of ``train``'s layout for ``--models`` models (``train_chunk.p
   ``layers.batch_norm_relu``);
 * ``autodiff_bn``: ``nn.BatchNorm`` then ``nn.relu``, differentiated by JAX (the formulation before it);
 * ``unrolled``: the library's, with the epoch's ``lax.scan`` over steps unrolled (no while loop per step);
-* ``flat_optimizer``: the library's, with the optimizer run on the parameters raveled into one vector
-  (``optax.flatten``: one fused update instead of one per parameter array);
+* ``flat_optimizer`` / ``tree_optimizer``: the library's, with the optimizer run on the parameters raveled into
+  one vector (``optax.flatten``: one fused update instead of one per parameter array; ``train``'s choice on a
+  GPU) / on the parameter tree, one update per array (its choice on a CPU);
 * ``xla_nchw``: the library's, with the convolutions in NCHW / OIHW layout (``layers.xla_nchw_conv``);
 * ``xla``: the library's, with the strided convolutions as they are (``layers.xla_conv``) rather than ``train``'s
   choice (on a GPU ``xla_s2d``: stride 1 only).
@@ -37,19 +38,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-VARIANTS = ("fused_bn", "autodiff_bn", "unrolled", "flat_optimizer", "xla_nchw", "xla")
+VARIANTS = ("fused_bn", "autodiff_bn", "unrolled", "flat_optimizer", "tree_optimizer", "xla_nchw", "xla")
 
 
 @contextlib.contextmanager
 def _variant(name: str):
     """The library's functions as the variant needs them, restored afterwards."""
     import flax.linen as nn
-    import optax
 
     from jaxunlearn.models import layers
-    from jaxunlearn.training import step
 
-    saved = (layers.BatchNormReLU, step.make_optimizer)
+    saved = layers.BatchNormReLU
     parts = name.split("+")
     if "autodiff_bn" in parts:
         class AutodiffBatchNormReLU(nn.BatchNorm):  # the same variables as the library's layer
@@ -58,12 +57,10 @@ def _variant(name: str):
 
         layers.BatchNormReLU = lambda use_running_average, name: AutodiffBatchNormReLU(
             use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name)
-    if "flat_optimizer" in parts:
-        step.make_optimizer = lambda recipe, steps: optax.flatten(saved[1](recipe, steps))
     try:
         yield
     finally:
-        layers.BatchNormReLU, step.make_optimizer = saved
+        layers.BatchNormReLU = saved
 
 
 def _unrolled(trainer, steps: int):
@@ -95,7 +92,8 @@ def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int
 
     with _variant(name):
         parts = name.split("+")
-        c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None))
+        flat = True if "flat_optimizer" in parts else False if "tree_optimizer" in parts else None
+        c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None), flat)
         if "unrolled" in parts:
             steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
             c.fns = EnsembleFns(_unrolled(c.trainer, steps), models, c.vmap_width, c.devices)

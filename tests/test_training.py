@@ -12,6 +12,7 @@ from jaxunlearn.training.loop import train_one_by_one
 
 from conftest import default_jit
 from jaxunlearn.training.recipe import triangle_schedule
+from jaxunlearn.training.strategy import default_strategy
 from jaxunlearn.training.subsets import subset_batches, steps_per_epoch
 
 
@@ -110,6 +111,28 @@ def test_ensemble_equals_one_by_one_training(digits):
             assert float(jnp.abs(a - b).max()) < 0.05
             assert float(jnp.mean(a.argmax(-1) == b.argmax(-1))) > 0.99
         assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away
+
+
+def test_flat_optimizer_trains_the_same_models(digits):
+    """``make_trainer(flat_optimizer=True)`` (``train``'s choice on a GPU) runs the recipe's SGD-Nesterov with
+    weight decay on one raveled vector: the same parameters and running statistics as the per-array update,
+    with a momentum trace that is one vector."""
+    recipe = RECIPES["digits-cnn"].with_epochs(2)
+    masks = random_subset_masks(digits.n_train, 2, 0.5, 0)
+    X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
+    tree = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std,
+                        steps_per_epoch(masks, recipe.batch_size), "im2col")
+    flat = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std,
+                        steps_per_epoch(masks, recipe.batch_size), "im2col", flat_optimizer=True)
+    a, _ = train_ensemble(tree, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+    b, _ = train_ensemble(flat, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+    for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)), jax.tree.leaves((b.params, b.batch_stats))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    n_params = sum(x[0].size for x in jax.tree.leaves(a.params))
+    traces = [x for x in jax.tree.leaves(b.opt_state) if x.ndim == 2]
+    assert [x.shape for x in traces] == [(2, n_params)]  # one momentum vector per model
+    assert float(jnp.abs(a.params["Dense_0"]["kernel"]).max()) > 0  # trained, not an all-zero pair
+    assert default_strategy("cnn", "gpu", 8).flat_optimizer and not default_strategy("cnn", "cpu", 8).flat_optimizer
 
 
 def test_map_models_pads_a_short_last_group_and_keeps_model_order():

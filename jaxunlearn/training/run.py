@@ -414,8 +414,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     devs = local[:devices or len(local)]
     backend = jax.default_backend()
     spe = steps_per_epoch(masks, cfg.recipe.batch_size)
-    trainer_for = lambda impl: make_trainer(cfg.recipe, dataset.num_classes, dataset.image_shape,  # noqa: E731
-                                            dataset.mean, dataset.std, spe, impl)
+    trainer_for = lambda impl, flat=False: make_trainer(cfg.recipe, dataset.num_classes,  # noqa: E731
+                                                        dataset.image_shape, dataset.mean, dataset.std, spe, impl,
+                                                        flat_optimizer=flat)
     run_dict = {"format": FORMAT_VERSION, "run": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(),
                 "n_train": dataset.n_train, "n_test": dataset.n_test, "num_classes": dataset.num_classes,
                 "steps_per_epoch": spe}
@@ -431,6 +432,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
         conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
+        flat_optimizer = bool(stored.get("flat_optimizer", False))  # runs from before it existed: False
     else:
         # the models rounded up to a multiple of the devices: a short chunk is padded, never put on fewer devices
         padded = -(-cfg.models // len(devs)) * len(devs)
@@ -453,13 +455,15 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         # the conv formulation measured for the devices this chunk size really uses (the estimate above
         # was for the whole ensemble's; for the digits CNN, im2col, the one-device CPU choice, is the larger
         # of the two; ResNet-9 uses Winograd either way, estimated above with it)
-        conv_impl = cfg.conv_impl or ensemble_layout(cfg.recipe.model, chunk, devs)[1].conv_impl
+        layout = ensemble_layout(cfg.recipe.model, chunk, devs)[1]
+        conv_impl, flat_optimizer = cfg.conv_impl or layout.conv_impl, layout.flat_optimizer
 
     def width_for(c: int) -> int:  # per device; an explicit --vmap-width is kept (on fewer devices if need be)
         return min(cfg.vmap_width, c) if cfg.vmap_width else ensemble_layout(cfg.recipe.model, c, devs)[1].vmap_width
 
     vmap_width = width_for(chunk)
-    run_dict.update(conv_impl=conv_impl, chunk_resolved=chunk, vmap_width_resolved=vmap_width, backend=backend,
+    run_dict.update(conv_impl=conv_impl, flat_optimizer=flat_optimizer, chunk_resolved=chunk,
+                    vmap_width_resolved=vmap_width, backend=backend,
                     devices=len(split_devices(devs, chunk, vmap_width)))
 
     chunks_dir = os.path.join(out, "chunks")
@@ -472,7 +476,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
         with open(os.path.join(out, "config.json")) as f:
             stored = json.load(f)
         conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
-    trainer = trainer_for(conv_impl)
+        flat_optimizer = bool(stored.get("flat_optimizer", False))  # runs from before it existed: False
+    trainer = trainer_for(conv_impl, flat_optimizer)
     if stored:  # runs written before the width was stored: the rule, for their chunk
         vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
     os.makedirs(chunks_dir, exist_ok=True)

@@ -12,6 +12,9 @@ import dataclasses
 class Strategy:
     conv_impl: str  # one of jaxunlearn.models.CONV_IMPLS
     vmap_width: int  # models vmapped together inside one lax.map step
+    # the optimizer on the parameters raveled into one vector (``optax.flatten``): the same values, one fused
+    # update instead of one per parameter array (``make_trainer(flat_optimizer=...)``)
+    flat_optimizer: bool = False
 
 
 def split_devices(devices, n_models: int, vmap_width: int = 1) -> list:
@@ -46,8 +49,10 @@ def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1
         # one at a time by 10-20 %. ResNet-9 (width 0.25) fills the cores alone: width 2 = width 1.
         return Strategy(_cpu_conv(model), min(n_models, 4) if model == "cnn" else 1)
     # GPU: one model at a time with cuDNN convs, measured on an H100 (ResNet-9, 5.01 vs 2.98 model-epochs/s
-    # for vmapping 8 into grouped convs; benchmarks/RESULTS.md), no strided convolution (layers.xla_s2d_conv)
-    return Strategy("xla_s2d", 1)
+    # for vmapping 8 into grouped convs; benchmarks/RESULTS.md), no strided convolution (layers.xla_s2d_conv),
+    # the optimizer flattened (ResNet-9 bf16 epoch 1.021x and 1.028x in two H100 calls, the same bits; on the
+    # CPU 0.98x for the digits CNN, so only here)
+    return Strategy("xla_s2d", 1, flat_optimizer=True)
 
 
 def _cpu_per_core(model: str, share: int) -> Strategy:
