@@ -113,10 +113,13 @@ def test_ensemble_equals_one_by_one_training(digits):
         assert float(jnp.abs(a - pick(other_seed, i)).max()) > 0.3  # another seed: 6x the tolerance away
 
 
-def test_flat_optimizer_trains_the_same_models(digits):
+def test_flat_optimizer_trains_the_same_models(digits, tmp_path):
     """``make_trainer(flat_optimizer=True)`` (``train``'s choice on a GPU) runs the recipe's SGD-Nesterov with
     weight decay on one raveled vector: the same parameters and running statistics as the per-array update,
-    with a momentum trace that is one vector."""
+    with a momentum trace that is one vector. With the persistent compile cache on, so that the two trainers'
+    programs must be stored under different keys (they once shared one, and the flat trainer ran the other's)."""
+    from jaxunlearn.compile_cache import enable_compile_cache
+
     recipe = RECIPES["digits-cnn"].with_epochs(2)
     masks = random_subset_masks(digits.n_train, 2, 0.5, 0)
     X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
@@ -124,8 +127,13 @@ def test_flat_optimizer_trains_the_same_models(digits):
                         steps_per_epoch(masks, recipe.batch_size), "im2col")
     flat = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std,
                         steps_per_epoch(masks, recipe.batch_size), "im2col", flat_optimizer=True)
-    a, _ = train_ensemble(tree, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
-    b, _ = train_ensemble(flat, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+    before = jax.config.jax_compilation_cache_dir
+    enable_compile_cache(str(tmp_path / "cache"))
+    try:
+        a, _ = train_ensemble(tree, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+        b, _ = train_ensemble(flat, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+    finally:
+        enable_compile_cache(before)
     for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)), jax.tree.leaves((b.params, b.batch_stats))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     n_params = sum(x[0].size for x in jax.tree.leaves(a.params))

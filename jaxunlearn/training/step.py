@@ -168,7 +168,7 @@ def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps
                 "recipe": recipe.to_dict(), "num_classes": int(num_classes),
                 "image_shape": [int(d) for d in image_shape], "mean": [float(v) for v in np.ravel(mean)],
                 "std": [float(v) for v in np.ravel(std)], "steps_per_epoch": int(steps_per_epoch),
-                "conv_impl": conv_impl, "eval_batch": int(eval_batch)}
+                "conv_impl": conv_impl, "eval_batch": int(eval_batch), "flat_optimizer": bool(flat_optimizer)}
         for fn in fns:  # which functions the spec describes: a Trainer._replace'd function is not among them
             fn._jaxunlearn_spec = spec
     return Trainer(*fns, spec)
