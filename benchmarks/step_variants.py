@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 VARIANTS = ("fused_bn", "autodiff_bn", "unrolled", "flat_optimizer", "tree_optimizer", "xla_nchw", "xla")
+OPTIMIZERS = {"flat_optimizer": True, "tree_optimizer": False}  # the optimizer's formulation a variant asks for
 
 
 @contextlib.contextmanager
@@ -92,7 +93,7 @@ def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int
 
     with _variant(name):
         parts = name.split("+")
-        flat = True if "flat_optimizer" in parts else False if "tree_optimizer" in parts else None
+        flat = next((OPTIMIZERS[p] for p in parts if p in OPTIMIZERS), None)  # None: train's choice
         c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None), flat)
         if "unrolled" in parts:
             steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     for v in a.variants:
         if not v or any(part not in VARIANTS for part in v.split("+")):
             raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)} (or several joined by +)")
+        if len(set(v.split("+")) & set(OPTIMIZERS)) > 1:
+            raise SystemExit(f"--variants: {v!r} asks for both optimizer formulations")
 
     import jax
     import numpy as np

@@ -21,8 +21,8 @@ def train_chunk(recipe, dataset, n_models: int, seed: int, conv_impl: str | None
                 flat_optimizer: bool | None = None) -> SimpleNamespace:
     """``n_models`` α = 0.5 models of ``recipe`` on ``dataset``: the layout ``train`` picks for a chunk of
     them on this machine's devices (``ensemble_layout``; ``conv_impl`` overrides its conv formulation, as
-    ``train --conv-impl`` does; ``flat_optimizer`` its optimizer's formulation), its :class:`EnsembleFns`, and the chunk's
-    inputs on the devices: ``images`` u8[n, ...], ``labels`` i32[n], ``masks`` bool[k, n] and ``ids``
+    ``train --conv-impl`` does; ``flat_optimizer`` its optimizer's formulation), its :class:`EnsembleFns`, and
+    the chunk's inputs on the devices: ``images`` u8[n, ...], ``labels`` i32[n], ``masks`` bool[k, n] and ``ids``
     u32[k] (for ``fns.init_models(seed, ids)``), the per-model ones split as the programs take them."""
     masks = random_subset_masks(dataset.n_train, n_models, 0.5, seed)
     devices, strat = ensemble_layout(recipe.model, n_models, jax.local_devices())
@@ -35,6 +35,6 @@ def train_chunk(recipe, dataset, n_models: int, seed: int, conv_impl: str | None
     sharding = fns.models_sharding
     return SimpleNamespace(
         fns=fns, trainer=trainer, devices=devices, vmap_width=strat.vmap_width,
-        layout=f"{strat.conv_impl}:{strat.vmap_width}@{len(devices)}" + (" flat" if strat.flat_optimizer else ""),
+        layout=f"{strat.conv_impl}:{strat.vmap_width}@{len(devices)}{' flat' if strat.flat_optimizer else ''}",
         images=jax.device_put(dataset.train_images), labels=jax.device_put(dataset.train_labels),
         masks=jax.device_put(masks, sharding), ids=jax.device_put(np.arange(n_models, dtype=np.uint32), sharding))

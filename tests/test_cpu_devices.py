@@ -73,6 +73,11 @@ def test_default_layout_per_device_count():
     assert default_strategy("resnet9", "cpu", 8).conv_impl == "winograd"
     assert default_strategy("resnet18", "cpu", 8, 2).conv_impl == "im2col"
     assert default_strategy("resnet9", "gpu", 8, 2).conv_impl == "xla_s2d"
+    # the optimizer on one raveled vector: conv nets on a GPU only
+    assert default_strategy("resnet9", "gpu", 8).flat_optimizer and default_strategy("cnn", "gpu", 8).flat_optimizer
+    assert not any(default_strategy(m, b, 8, d).flat_optimizer for m in ("mlp", "cnn", "resnet9") for b, d in
+                   (("cpu", 1), ("cpu", 2)))
+    assert not default_strategy("mlp", "gpu", 8).flat_optimizer
 
 
 def test_ensemble_layout_clips_the_width_to_a_share():

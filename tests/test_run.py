@@ -42,6 +42,7 @@ def test_run_folder_contents(reference_run):
     assert logits.shape == (8, 1797, 10)
     assert len(acc["test"]) == 8 and min(acc["test"]) > 0.8
     assert cfg["run"]["recipe"]["model"] == "cnn" and cfg["chunk_resolved"] == 2
+    assert cfg["flat_optimizer"] is False  # the optimizer on the parameter tree: a CPU's layout
     assert sorted(os.listdir(os.path.join(reference_run, "chunks"))) == [f"{i:05d}" for i in range(4)]
     # margin = correct logit - logsumexp(other logits), train points first
     from jaxunlearn.data import load_digits
@@ -87,6 +88,39 @@ def test_half_written_chunk_is_never_taken_as_finished(reference_run, tmp_path):
     assert sorted(os.listdir(chunks)) == [f"{i:05d}" for i in range(4)]
     a, b = np.load(os.path.join(out, "margins.npy")), np.load(os.path.join(reference_run, "margins.npy"))
     assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("stored", [True, None])
+def test_a_resume_keeps_the_optimizer_formulation_the_run_stored(reference_run, tmp_path, monkeypatch, stored):
+    """config.json's ``flat_optimizer`` (True: as a run created on a GPU stores it; absent: a run from before it
+    existed, trained on the parameter tree) decides the optimizer of every chunk a resume trains, whatever this
+    machine's own layout; both formulations give the reference run's margins."""
+    import jaxunlearn.training.run as run_module
+
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run, out)
+    for c in ("00002", "00003"):
+        shutil.rmtree(os.path.join(out, "chunks", c))
+    os.remove(os.path.join(out, "margins.npy"))
+    path = os.path.join(out, "config.json")
+    cfg = json.load(open(path))
+    if stored is None:
+        del cfg["flat_optimizer"]
+    else:
+        cfg["flat_optimizer"] = stored
+    json.dump(cfg, open(path, "w"), indent=2)
+    asked, make_trainer = [], run_module.make_trainer
+
+    def recording_make_trainer(*args, **kwargs):  # the library's own, with the formulation it was asked for noted
+        asked.append(kwargs.get("flat_optimizer"))
+        return make_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "make_trainer", recording_make_trainer)
+    assert main([*TRAIN, "--out", out]) == 0
+    assert asked == [bool(stored)]
+    assert json.load(open(path)).get("flat_optimizer") == stored  # the run's record is left as it was
+    a, b = np.load(os.path.join(out, "margins.npy")), np.load(os.path.join(reference_run, "margins.npy"))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_chunk_checkpoint_restores_the_models(reference_run):

@@ -243,7 +243,8 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
     with open(os.path.join(bdir, "config.json")) as f:
         rc = json.load(f)
     trainer = make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                           rc["steps_per_epoch"], rc["conv_impl"])
+                           rc["steps_per_epoch"], rc["conv_impl"],
+                           flat_optimizer=bool(rc.get("flat_optimizer", False)))
     v = jax.tree.map(lambda x: jnp.asarray(x)[0], load_chunk_variables(bdir, 0))
     params, stats = v["params"], v.get("batch_stats", {})
 

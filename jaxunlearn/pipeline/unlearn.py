@@ -63,11 +63,13 @@ def load_models(run_dir: str):
 
 
 def trainer_for_run(run: dict, dataset):
+    """The trainer a training run's models were made with: its recipe and stored layout (config.json)."""
     cfg = run["config"]
     from jaxunlearn.training.recipe import Recipe
     recipe = Recipe(**cfg["run"]["recipe"])
     return make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                        cfg["steps_per_epoch"], cfg["conv_impl"])
+                        cfg["steps_per_epoch"], cfg["conv_impl"],
+                        flat_optimizer=bool(cfg.get("flat_optimizer", False)))
 
 
 def training_cost(run: dict) -> float:

@@ -313,6 +313,14 @@ def _finish_chunk(tmp: str, final_dir: str, outputs: dict, model_ids: np.ndarray
     return True
 
 
+def _stored_layout(out: str) -> tuple[dict, tuple[str, bool, int]]:
+    """The run folder's config.json and the layout stored in it: (conv formulation, optimizer flattened,
+    chunk size). Runs written before the optimizer's formulation was stored ran it on the parameter tree."""
+    with open(os.path.join(out, "config.json")) as f:
+        stored = json.load(f)
+    return stored, (stored["conv_impl"], bool(stored.get("flat_optimizer", False)), int(stored["chunk_resolved"]))
+
+
 def _create_json_once(path: str, obj) -> bool:
     """Writes ``path`` only if it does not exist yet (atomically, across processes): True if this
     call created it."""
@@ -414,9 +422,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     devs = local[:devices or len(local)]
     backend = jax.default_backend()
     spe = steps_per_epoch(masks, cfg.recipe.batch_size)
-    trainer_for = lambda impl, flat=False: make_trainer(cfg.recipe, dataset.num_classes,  # noqa: E731
-                                                        dataset.image_shape, dataset.mean, dataset.std, spe, impl,
-                                                        flat_optimizer=flat)
+    trainer_for = lambda impl, flat: make_trainer(cfg.recipe, dataset.num_classes, dataset.image_shape,  # noqa: E731
+                                                  dataset.mean, dataset.std, spe, impl, flat_optimizer=flat)
     run_dict = {"format": FORMAT_VERSION, "run": cfg.to_dict(), "data_fingerprint": dataset.fingerprint(),
                 "n_train": dataset.n_train, "n_test": dataset.n_test, "num_classes": dataset.num_classes,
                 "steps_per_epoch": spe}
@@ -425,34 +432,32 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     # device_put, not jnp.asarray: the latter compiles a small program per shape
     images, labels = jax.device_put(dataset.train_images), jax.device_put(dataset.train_labels)
     all_images, all_labels = jax.device_put(dataset.all_images), jax.device_put(dataset.all_labels)
-    # the layout a run was created with (conv formulation, chunk, vmap width) is the run's: a resume or a
-    # later worker keeps it, whatever its own device count, so every model runs the same program
+    # the layout a run was created with (conv formulation, optimizer formulation, chunk, vmap width) is the
+    # run's: a resume or a later worker keeps it, whatever its own device count, so every model runs the same
+    # program
     stored = {}
     if resuming:
-        with open(os.path.join(out, "config.json")) as f:
-            stored = json.load(f)
-        conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
-        flat_optimizer = bool(stored.get("flat_optimizer", False))  # runs from before it existed: False
+        stored, (conv_impl, flat_optimizer, chunk) = _stored_layout(out)
     else:
         # the models rounded up to a multiple of the devices: a short chunk is padded, never put on fewer devices
         padded = -(-cfg.models // len(devs)) * len(devs)
         strat = ensemble_layout(cfg.recipe.model, padded, devs)[1]
-        conv_impl = cfg.conv_impl or strat.conv_impl
+        conv_impl, flat_optimizer = cfg.conv_impl or strat.conv_impl, strat.flat_optimizer
         if cfg.chunk:
             chunk = cfg.chunk
         else:  # per device, times the devices; then as even as the same number of chunks allows
             # the estimate traces a train step (0.15 s for a digits MLP): remembered beside the compiled programs
             est = remembered("memory-estimate", {"recipe": cfg.recipe.to_dict(), "classes": dataset.num_classes,
                                                  "image": [*dataset.image_shape, str(dataset.train_images.dtype)],
-                                                 "conv_impl": conv_impl},
-                             lambda: memory_estimate(trainer_for(conv_impl), dataset.image_shape,
+                                                 "conv_impl": conv_impl, "flat_optimizer": flat_optimizer},
+                             lambda: memory_estimate(trainer_for(conv_impl, flat_optimizer), dataset.image_shape,
                                                      dataset.train_images.dtype, cfg.recipe.batch_size))
             budget = int(0.5 * available_memory_bytes()) // (len(devs) if backend == "cpu" else 1)  # CPU: shared
             chunk = len(devs) * auto_chunk(est, dataset.n_train, cfg.vmap_width or strat.vmap_width,
                                            -(-cfg.models // len(devs)), budget)
             chunk = balanced_chunk(cfg.models, chunk, len(devs))
         chunk = max(1, min(int(chunk), padded))
-        # the conv formulation measured for the devices this chunk size really uses (the estimate above
+        # the conv and optimizer formulations measured for the devices this chunk size really uses (the estimate above
         # was for the whole ensemble's; for the digits CNN, im2col, the one-device CPU choice, is the larger
         # of the two; ResNet-9 uses Winograd either way, estimated above with it)
         layout = ensemble_layout(cfg.recipe.model, chunk, devs)[1]
@@ -473,10 +478,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     created_run = not resuming and _create_json_once(os.path.join(out, "config.json"), run_dict)
     if not resuming and not created_run:
         _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
-        with open(os.path.join(out, "config.json")) as f:
-            stored = json.load(f)
-        conv_impl, chunk = stored["conv_impl"], stored["chunk_resolved"]
-        flat_optimizer = bool(stored.get("flat_optimizer", False))  # runs from before it existed: False
+        stored, (conv_impl, flat_optimizer, chunk) = _stored_layout(out)
     trainer = trainer_for(conv_impl, flat_optimizer)
     if stored:  # runs written before the width was stored: the rule, for their chunk
         vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))

@@ -89,9 +89,11 @@ def training_loss(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 def make_trainer(recipe: Recipe, num_classes: int, image_shape, mean, std, steps_per_epoch: int,
                  conv_impl: str = "im2col", eval_batch: int = 1024, flat_optimizer: bool = False) -> Trainer:
-    """One model's pure training functions (a :class:`Trainer`) for ``recipe``. ``flat_optimizer``: run the recipe's optimizer on the parameters raveled into one vector
-    (``optax.flatten``): the same update, computed in one fused pass instead of one per parameter array
-    (``strategy.default_strategy`` says where that is faster); the optimizer state is then one vector too."""
+    """One model's pure training functions (a :class:`Trainer`) for ``recipe``.
+
+    ``flat_optimizer``: run the recipe's optimizer on the parameters raveled into one vector (``optax.flatten``):
+    the same update, computed in one fused pass instead of one per parameter array (``strategy.default_strategy``
+    says where that is faster); its state is then f32[P] vectors (P: the parameter count) instead of a tree."""
     model = make_model(recipe.model, num_classes, recipe.width, conv_impl, recipe.dtype)
     tx = make_optimizer(recipe, steps_per_epoch)
     tx = optax.flatten(tx) if flat_optimizer else tx

@@ -1,4 +1,4 @@
-"""How an ensemble is laid out on a backend: conv formulation and vmap width.
+"""How an ensemble is laid out on a backend: conv formulation, vmap width and the optimizer's formulation.
 
 The defaults come from ``benchmarks/ensemble_throughput.py`` (see benchmarks/RESULTS.md);
 override them with ``--conv-impl`` / ``--vmap-width`` and measure on your machine.
@@ -50,8 +50,8 @@ def default_strategy(model: str, backend: str, n_models: int, n_devices: int = 1
         return Strategy(_cpu_conv(model), min(n_models, 4) if model == "cnn" else 1)
     # GPU: one model at a time with cuDNN convs, measured on an H100 (ResNet-9, 5.01 vs 2.98 model-epochs/s
     # for vmapping 8 into grouped convs; benchmarks/RESULTS.md), no strided convolution (layers.xla_s2d_conv),
-    # the optimizer flattened (ResNet-9 bf16 epoch 1.021x and 1.028x in two H100 calls, the same bits; on the
-    # CPU 0.98x for the digits CNN, so only here)
+    # the optimizer flattened (ResNet-9 bf16 epoch 1.013x on an H100 with this layout, the same bits; measured
+    # for ResNet-9 only; on the CPU 0.98x for the digits CNN, so only here)
     return Strategy("xla_s2d", 1, flat_optimizer=True)
 
 
