@@ -8,6 +8,8 @@ The epoch program of ``train``'s layout for ``--models`` models (``train_chunk.p
 * ``fused_bn``: the library as it is (``ConvBN``'s BatchNorm + ReLU with the backward pass written out,
   ``layers.batch_norm_relu``);
 * ``autodiff_bn``: ``nn.BatchNorm`` then ``nn.relu``, differentiated by JAX (the formulation before it);
+* ``bn_mask_from_input``: the library's, with the backward pass's ReLU mask recomputed from the layer's input
+  instead of read from its output (that pass then reads x and the output's gradient, not the output too);
 * ``unrolled``: the library's, with the epoch's ``lax.scan`` over steps unrolled (no while loop per step);
 * ``flat_optimizer`` / ``tree_optimizer``: the library's, with the optimizer run on the parameters raveled into
   one vector (``optax.flatten``: one fused update instead of one per parameter array; ``train``'s choice on a
@@ -18,8 +20,10 @@ The epoch program of ``train``'s layout for ``--models`` models (``train_chunk.p
 
 Variants combine with ``+`` (``flat_optimizer+unrolled``).
 
-Each is compiled and run for one untimed epoch, then timed over ``--epochs`` epochs (the median; every
-epoch waited for). XLA keeps autotuning results in the process, so only the first variant's compile is a
+Each is compiled and run for one untimed epoch; then every variant runs ``--epochs`` more epochs, one after
+another in turn (epoch 1 of each, epoch 2 of each, ...), each timed to completion: the median per variant, and
+``paired_speedup``, the median over epochs of the first variant's time over this one's from the same round (a
+machine whose speed drifts, as this shared CPU's does by 10-30 % within minutes, slows both alike). XLA keeps autotuning results in the process, so only the first variant's compile is a
 cold one: compare run times, not compile times. The persistent compile cache is switched off: its stored
 programs are keyed by the library's source, which a variant swaps at run time. ``max_param_diff`` is the
 largest difference of the trained parameters from the first variant's after every epoch's steps: SGD
@@ -34,11 +38,12 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-VARIANTS = ("fused_bn", "autodiff_bn", "unrolled", "flat_optimizer", "tree_optimizer", "xla_nchw", "xla")
+VARIANTS = ("fused_bn", "autodiff_bn", "bn_mask_from_input", "unrolled", "flat_optimizer", "tree_optimizer", "xla_nchw", "xla")
 OPTIMIZERS = {"flat_optimizer": True, "tree_optimizer": False}  # the optimizer's formulation a variant asks for
 
 
@@ -49,7 +54,7 @@ def _variant(name: str):
 
     from jaxunlearn.models import layers
 
-    saved = layers.BatchNormReLU
+    saved = layers.BatchNormReLU, layers.batch_norm_relu
     parts = name.split("+")
     if "autodiff_bn" in parts:
         class AutodiffBatchNormReLU(nn.BatchNorm):  # the same variables as the library's layer
@@ -58,10 +63,35 @@ def _variant(name: str):
 
         layers.BatchNormReLU = lambda use_running_average, name: AutodiffBatchNormReLU(
             use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name)
+    if "bn_mask_from_input" in parts:
+        layers.batch_norm_relu = _batch_norm_relu_mask_from_input()
     try:
         yield
     finally:
-        layers.BatchNormReLU = saved
+        layers.BatchNormReLU, layers.batch_norm_relu = saved
+
+
+def _batch_norm_relu_mask_from_input():
+    """``layers.batch_norm_relu`` (same forward, same contract) whose backward takes the ReLU's mask from the
+    normalised input (z > 0, z recomputed from x, the batch statistics, scale and bias) instead of from the output
+    (y > 0, y = max(z, 0) in x's dtype: the same mask, so the same gradient); the backward reads x and dy only."""
+    import jax
+    from jax import lax
+
+    from jaxunlearn.models import layers
+
+    def fwd(x, scale, bias, epsilon):
+        (y, mean, var), (x, _, scale, mean, var) = layers._batch_norm_relu_fwd(x, scale, bias, epsilon)
+        return (y, mean, var), (x, bias, scale, mean, var)
+
+    def bwd(epsilon, residuals, cotangents):
+        x, bias, scale, mean, var = residuals
+        z = (x.astype(mean.dtype) - mean) * (lax.rsqrt(var + epsilon) * scale) + bias  # as the forward computes it
+        return layers._batch_norm_relu_bwd(epsilon, (x, z, scale, mean, var), cotangents)
+
+    f = jax.custom_vjp(lambda x, scale, bias, epsilon: fwd(x, scale, bias, epsilon)[0], nondiff_argnums=(3,))
+    f.defvjp(fwd, bwd)
+    return f
 
 
 def _unrolled(trainer, steps: int):
@@ -82,7 +112,10 @@ def _unrolled(trainer, steps: int):
     return trainer._replace(run_epoch=run_epoch)
 
 
-def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int) -> dict:
+def build_variant(name: str, recipe, dataset, models: int, seed: int) -> SimpleNamespace:
+    """The variant's epoch program for ``models`` models, compiled and run once (untimed): its chunk ``c``,
+    the trained ``states`` and per-model ``keys``, and ``first`` (seconds of that first epoch, compile
+    included). The program is fixed once compiled, so later epochs run it outside the variant's context."""
     import jax
     import numpy as np
 
@@ -100,18 +133,21 @@ def time_variant(name: str, recipe, dataset, models: int, seed: int, epochs: int
             c.fns = EnsembleFns(_unrolled(c.trainer, steps), models, c.vmap_width, c.devices)
         states, keys = jax.block_until_ready(c.fns.init_models(np.int32(seed), c.ids))
         t = time.perf_counter()
-        states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(0))
+        states, metrics = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(0))
         jax.block_until_ready(states)
-        first = time.perf_counter() - t
-        times = []
-        for e in range(1, epochs + 1):
-            t = time.perf_counter()
-            states, metrics = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(e))
-            jax.block_until_ready(states)
-            times.append(time.perf_counter() - t)
-    return {"first_epoch_seconds": first, "epoch_seconds": times, "median_epoch_seconds": statistics.median(times),
-            "layout": c.layout, "params": jax.device_get(states.params),
-            "loss": float(np.mean(np.asarray(metrics["loss"])))}
+    return SimpleNamespace(c=c, states=states, keys=keys, metrics=metrics, first=time.perf_counter() - t, times=[])
+
+
+def run_epoch(v: SimpleNamespace, epoch: int) -> None:
+    """One more epoch of variant ``v``, timed to completion (appended to ``v.times``)."""
+    import jax
+    import numpy as np
+
+    c = v.c
+    t = time.perf_counter()
+    v.states, v.metrics = c.fns.epoch(v.states, c.images, c.labels, c.masks, v.keys, np.int32(epoch))
+    jax.block_until_ready(v.states)
+    v.times.append(time.perf_counter() - t)
 
 
 def main(argv=None) -> int:
@@ -148,22 +184,28 @@ def main(argv=None) -> int:
     recipe = recipe.replace(**over) if over else recipe
     dataset = load_dataset("cifar10" if a.model == "resnet9" else "digits", a.data_dir)
     enable_compile_cache(None)  # every variant compiled here: none loads another's stored program
-    rows, ref = {}, None
-    for name in a.variants:
-        r = time_variant(name, recipe, dataset, a.models, a.seed, a.epochs)
-        params = r.pop("params")
-        ref = params if ref is None else ref
-        r["max_param_diff"] = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                                  for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(params)))
-        rows[name] = r
-        base = rows[a.variants[0]]["median_epoch_seconds"]
-        print(f"{name:15s} {r['median_epoch_seconds']:.4f} s/epoch ({base / r['median_epoch_seconds']:.3f}x the "
-              f"first)  first epoch {r['first_epoch_seconds']:.1f} s  loss {r['loss']:.4f}  max param diff "
+    built = {name: build_variant(name, recipe, dataset, a.models, a.seed) for name in a.variants}
+    for e in range(1, a.epochs + 1):  # interleaved: a slow spell of the machine hits every variant alike
+        for v in built.values():
+            run_epoch(v, e)
+    base = built[a.variants[0]]
+    rows, ref = {}, jax.device_get(base.states.params)
+    for name, v in built.items():
+        params = jax.device_get(v.states.params)
+        rows[name] = r = {
+            "first_epoch_seconds": v.first, "epoch_seconds": v.times, "median_epoch_seconds": statistics.median(v.times),
+            # the first variant's epoch over this one's, epoch by epoch (run back to back), then the median
+            "paired_speedup": statistics.median(b / t for b, t in zip(base.times, v.times)),
+            "layout": v.c.layout, "loss": float(np.mean(np.asarray(v.metrics["loss"]))),
+            "max_param_diff": max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                                  for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(params)))}
+        print(f"{name:15s} {r['median_epoch_seconds']:.4f} s/epoch ({r['paired_speedup']:.3f}x the first, paired)  "
+              f"first epoch {r['first_epoch_seconds']:.1f} s  loss {r['loss']:.4f}  max param diff "
               f"{r['max_param_diff']:.2e}", flush=True)
-        if a.json:
-            write_json_atomic(a.json, {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                       "model": a.model, "models": a.models, "recipe": recipe.to_dict(),
-                                       "rows": rows})
+    if a.json:
+        write_json_atomic(a.json, {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                   "model": a.model, "models": a.models, "recipe": recipe.to_dict(),
+                                   "rows": rows})
     return 0
 
 

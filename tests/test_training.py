@@ -116,12 +116,12 @@ def test_ensemble_equals_one_by_one_training(digits):
 
 def test_flat_optimizer_trains_the_same_models(digits, tmp_path):
     """``make_trainer(flat_optimizer=True)`` (``train``'s choice on a GPU) runs the recipe's SGD-Nesterov with
-    weight decay on one raveled vector: the same parameters and running statistics as the per-array update,
-    with a momentum trace that is one vector. With the persistent compile cache on, so that the two trainers'
+    weight decay on one raveled vector: the same parameters as the per-array update, with a momentum trace that
+    is one vector (on the digits MLP: the optimizer's code is the same whatever the model). With the persistent compile cache on, so that the two trainers'
     programs must be stored under different keys (they once shared one, and the flat trainer ran the other's)."""
     from jaxunlearn.compile_cache import enable_compile_cache
 
-    recipe = RECIPES["digits-cnn"].with_epochs(2)
+    recipe = RECIPES["digits-mlp"].with_epochs(1)
     masks = random_subset_masks(digits.n_train, 2, 0.5, 0)
     X, Y = jnp.asarray(digits.train_images), jnp.asarray(digits.train_labels)
     tree = make_trainer(recipe, 10, digits.image_shape, digits.mean, digits.std,
@@ -132,10 +132,10 @@ def test_flat_optimizer_trains_the_same_models(digits, tmp_path):
     programs = tmp_path / "cache" / "jaxunlearn" / "programs"
     enable_compile_cache(str(tmp_path / "cache"))
     try:
-        a, _ = train_ensemble(tree, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+        a, _ = train_ensemble(tree, X, Y, masks, [0, 1], seed=3, epochs=1, vmap_width=2)
         stored = set(os.listdir(programs))
         assert {n.split("-")[0] for n in stored} >= {"init_models", "epoch"}  # the keys are really exercised
-        b, _ = train_ensemble(flat, X, Y, masks, [0, 1], seed=3, epochs=2, vmap_width=2)
+        b, _ = train_ensemble(flat, X, Y, masks, [0, 1], seed=3, epochs=1, vmap_width=2)
         assert len(set(os.listdir(programs)) - stored) >= 2  # the flat trainer's own init and epoch programs
     finally:
         enable_compile_cache(before)
@@ -145,7 +145,7 @@ def test_flat_optimizer_trains_the_same_models(digits, tmp_path):
     traces = [x for x in jax.tree.leaves(b.opt_state) if x.ndim == 2]
     assert [x.shape for x in traces] == [(2, n_params)]  # one momentum vector per model
     initial = jax.vmap(flat.init)(model_keys(3, [0, 1])).params  # trained: far from where both started
-    assert float(jnp.abs(b.params["Dense_0"]["kernel"] - initial["Dense_0"]["kernel"]).max()) > 0.05
+    assert float(jnp.abs(b.params["Dense_0"]["kernel"] - initial["Dense_0"]["kernel"]).max()) > 0.01
 
 
 def test_map_models_pads_a_short_last_group_and_keeps_model_order():
