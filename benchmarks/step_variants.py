@@ -23,12 +23,13 @@ Variants combine with ``+`` (``flat_optimizer+unrolled``).
 Each is compiled and run for one untimed epoch; then every variant runs ``--epochs`` more epochs, one after
 another in turn (epoch 1 of each, epoch 2 of each, ...), each timed to completion: the median per variant, and
 ``paired_speedup``, the median over epochs of the first variant's time over this one's from the same round (a
-machine whose speed drifts, as this shared CPU's does by 10-30 % within minutes, slows both alike). XLA keeps autotuning results in the process, so only the first variant's compile is a
-cold one: compare run times, not compile times. The persistent compile cache is switched off: its stored
-programs are keyed by the library's source, which a variant swaps at run time. ``max_param_diff`` is the
-largest difference of the trained parameters from the first variant's after every epoch's steps: SGD
-amplifies rounding along them, so it shows how far the runs drifted apart, not whether a formulation is
-right (the tests check each against the one it replaces).
+machine whose speed drifts, as this shared CPU's did by up to half within minutes, slows both alike). XLA keeps
+autotuning results in the process, so only the first variant's compile is a cold one: compare run times, not
+compile times. The persistent compile cache is switched off: its stored programs are keyed by the library's
+source, which a variant swaps at run time. ``max_param_diff`` is the largest difference of the trained
+parameters from the first variant's after every epoch's steps: SGD amplifies rounding along them, so it shows
+how far the runs drifted apart, not whether a formulation is right (the tests check each against the one it
+replaces).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-VARIANTS = ("fused_bn", "autodiff_bn", "bn_mask_from_input", "unrolled", "flat_optimizer", "tree_optimizer", "xla_nchw", "xla")
+VARIANTS = ("fused_bn", "autodiff_bn", "bn_mask_from_input", "unrolled", "flat_optimizer", "tree_optimizer",
+            "xla_nchw", "xla")
 OPTIMIZERS = {"flat_optimizer": True, "tree_optimizer": False}  # the optimizer's formulation a variant asks for
 
 

@@ -117,8 +117,9 @@ def test_ensemble_equals_one_by_one_training(digits):
 def test_flat_optimizer_trains_the_same_models(digits, tmp_path):
     """``make_trainer(flat_optimizer=True)`` (``train``'s choice on a GPU) runs the recipe's SGD-Nesterov with
     weight decay on one raveled vector: the same parameters as the per-array update, with a momentum trace that
-    is one vector (on the digits MLP: the optimizer's code is the same whatever the model). With the persistent compile cache on, so that the two trainers'
-    programs must be stored under different keys (they once shared one, and the flat trainer ran the other's)."""
+    is one vector (on the digits MLP: the optimizer's code is the same whatever the model). With the persistent
+    compile cache on, so that the two trainers' programs must be stored under different keys (they once shared
+    one, and the flat trainer ran the other's)."""
     from jaxunlearn.compile_cache import enable_compile_cache
 
     recipe = RECIPES["digits-mlp"].with_epochs(1)

@@ -457,9 +457,9 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
                                            -(-cfg.models // len(devs)), budget)
             chunk = balanced_chunk(cfg.models, chunk, len(devs))
         chunk = max(1, min(int(chunk), padded))
-        # the conv and optimizer formulations measured for the devices this chunk size really uses (the estimate above
-        # was for the whole ensemble's; for the digits CNN, im2col, the one-device CPU choice, is the larger
-        # of the two; ResNet-9 uses Winograd either way, estimated above with it)
+        # the conv and optimizer formulations measured for the devices this chunk size really uses (the
+        # estimate above was for the whole ensemble's; for the digits CNN, im2col, the one-device CPU choice,
+        # is the larger of the two; ResNet-9 uses Winograd either way, estimated above with it)
         layout = ensemble_layout(cfg.recipe.model, chunk, devs)[1]
         conv_impl, flat_optimizer = cfg.conv_impl or layout.conv_impl, layout.flat_optimizer
 
