@@ -75,10 +75,9 @@ def _variant(name: str):
 
 def _batch_norm_relu_mask_from_input():
     """``layers.batch_norm_relu`` (same forward, same contract) whose backward takes the ReLU's mask from the
-    normalised input (z > 0, z recomputed from x, the batch statistics, scale and bias) instead of from the output
-    (y > 0, y = max(z, 0) in x's dtype: the same mask, so the same gradient); the backward reads x and dy only."""
+    output recomputed from x, the batch statistics, scale and bias (the forward's own ``layers._normalize_relu``)
+    instead of reading the stored output: the same mask, so the same gradient; the backward reads x and dy only."""
     import jax
-    from jax import lax
 
     from jaxunlearn.models import layers
 
@@ -88,8 +87,8 @@ def _batch_norm_relu_mask_from_input():
 
     def bwd(epsilon, residuals, cotangents):
         x, bias, scale, mean, var = residuals
-        z = (x.astype(mean.dtype) - mean) * (lax.rsqrt(var + epsilon) * scale) + bias  # as the forward computes it
-        return layers._batch_norm_relu_bwd(epsilon, (x, z, scale, mean, var), cotangents)
+        y = layers._normalize_relu(x, mean, var, scale, bias, epsilon)  # fused into the backward's passes over x
+        return layers._batch_norm_relu_bwd(epsilon, (x, y, scale, mean, var), cotangents)
 
     f = jax.custom_vjp(lambda x, scale, bias, epsilon: fwd(x, scale, bias, epsilon)[0], nondiff_argnums=(3,))
     f.defvjp(fwd, bwd)

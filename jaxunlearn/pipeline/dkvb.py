@@ -229,8 +229,7 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
     from jaxunlearn.progress import Progress
     from jaxunlearn.training import RunConfig, load_recipe, train_run
     from jaxunlearn.training.recipe import DEFAULT_RECIPE
-    from jaxunlearn.training.run import load_chunk_variables
-    from jaxunlearn.training.step import make_trainer
+    from jaxunlearn.training.run import load_chunk_variables, run_trainer
 
     recipe = load_recipe(cfg.recipe or DEFAULT_RECIPE[cfg.dataset]).with_epochs(cfg.backbone_epochs).validate()
     run = RunConfig(dataset=cfg.dataset, models=1, recipe=recipe, seed=cfg.seed, alpha=1.0, chunk=1)
@@ -241,10 +240,7 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
     finally:
         bar.close()
     with open(os.path.join(bdir, "config.json")) as f:
-        rc = json.load(f)
-    trainer = make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                           rc["steps_per_epoch"], rc["conv_impl"],
-                           flat_optimizer=bool(rc.get("flat_optimizer", False)))
+        trainer = run_trainer(json.load(f), dataset)
     v = jax.tree.map(lambda x: jnp.asarray(x)[0], load_chunk_variables(bdir, 0))
     params, stats = v["params"], v.get("batch_stats", {})
 

@@ -47,7 +47,7 @@ from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
 from jaxunlearn.utils import make_folder, save_npy_atomic, write_json_atomic
 from jaxunlearn.training.ensemble import EnsembleFns
-from jaxunlearn.training.step import make_trainer
+from jaxunlearn.training.run import run_trainer
 from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.memorization import accuracy_gaps, memorization, tug_of_war
@@ -60,16 +60,6 @@ def load_models(run_dir: str):
     names = sorted(n for n in os.listdir(os.path.join(run_dir, "chunks")) if not n.startswith("."))
     parts = [load_chunk_variables(run_dir, int(n)) for n in names]
     return jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *parts)
-
-
-def trainer_for_run(run: dict, dataset):
-    """The trainer a training run's models were made with: its recipe and stored layout (config.json)."""
-    cfg = run["config"]
-    from jaxunlearn.training.recipe import Recipe
-    recipe = Recipe(**cfg["run"]["recipe"])
-    return make_trainer(recipe, dataset.num_classes, dataset.image_shape, dataset.mean, dataset.std,
-                        cfg["steps_per_epoch"], cfg["conv_impl"],
-                        flat_optimizer=bool(cfg.get("flat_optimizer", False)))
 
 
 def training_cost(run: dict) -> float:
@@ -303,7 +293,8 @@ def train_share(cfg: PipelineConfig, out: str, worker: tuple[int, int], progress
     if needs:
         full = load_run(full_dir)
         mem = cached_memorization(dm_dir, data.dataset.train_labels, os.path.join(out, "datamodel-fits"))
-        forget = make_forget_sets(cfg, data.dataset, trainer_for_run(full, data.dataset), load_models(full_dir), mem)
+        trainer = run_trainer(full["config"], data.dataset)
+        forget = make_forget_sets(cfg, data.dataset, trainer, load_models(full_dir), mem)
     else:  # none of them needs a trained model
         forget = make_forget_sets(cfg, data.dataset, None, None)
     done = train_oracles(cfg, data, forget, out, progress, worker)
@@ -328,7 +319,7 @@ def prepare(cfg: PipelineConfig, out: str, progress: bool = True, log=print) -> 
     data = prepare_data(cfg)
     dm_dir, full_dir = train_base_ensembles(cfg, data, out, progress)
     full = load_run(full_dir)
-    trainer = trainer_for_run(full, data.dataset)
+    trainer = run_trainer(full["config"], data.dataset)
     full_vars = load_models(full_dir)
     mem = cached_memorization(dm_dir, data.dataset.train_labels, os.path.join(out, "datamodel-fits"))
     forget = make_forget_sets(cfg, data.dataset, trainer, full_vars, mem)

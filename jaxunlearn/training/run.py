@@ -313,12 +313,23 @@ def _finish_chunk(tmp: str, final_dir: str, outputs: dict, model_ids: np.ndarray
     return True
 
 
-def _stored_layout(out: str) -> tuple[dict, tuple[str, bool, int]]:
-    """The run folder's config.json and the layout stored in it: (conv formulation, optimizer flattened,
-    chunk size). Runs written before the optimizer's formulation was stored ran it on the parameter tree."""
+def stored_layout(config: dict) -> tuple[str, bool, int]:
+    """The layout a run's config.json stores: (conv formulation, optimizer flattened, chunk size). Runs written
+    before the optimizer's formulation was stored ran it on the parameter tree."""
+    return config["conv_impl"], bool(config.get("flat_optimizer", False)), int(config["chunk_resolved"])
+
+
+def run_trainer(config: dict, dataset: Dataset):
+    """The trainer a run's models were made with, from its config.json: its recipe, steps per epoch and stored
+    layout (so its programs are the training run's, under the same stored-program keys)."""
+    conv_impl, flat_optimizer, _ = stored_layout(config)
+    return make_trainer(Recipe(**config["run"]["recipe"]), dataset.num_classes, dataset.image_shape, dataset.mean,
+                        dataset.std, config["steps_per_epoch"], conv_impl, flat_optimizer=flat_optimizer)
+
+
+def _read_config(out: str) -> dict:
     with open(os.path.join(out, "config.json")) as f:
-        stored = json.load(f)
-    return stored, (stored["conv_impl"], bool(stored.get("flat_optimizer", False)), int(stored["chunk_resolved"]))
+        return json.load(f)
 
 
 def _create_json_once(path: str, obj) -> bool:
@@ -437,7 +448,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     # program
     stored = {}
     if resuming:
-        stored, (conv_impl, flat_optimizer, chunk) = _stored_layout(out)
+        stored = _read_config(out)
+        conv_impl, flat_optimizer, chunk = stored_layout(stored)
     else:
         # the models rounded up to a multiple of the devices: a short chunk is padded, never put on fewer devices
         padded = -(-cfg.models // len(devs)) * len(devs)
@@ -478,7 +490,8 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     created_run = not resuming and _create_json_once(os.path.join(out, "config.json"), run_dict)
     if not resuming and not created_run:
         _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
-        stored, (conv_impl, flat_optimizer, chunk) = _stored_layout(out)
+        stored = _read_config(out)
+        conv_impl, flat_optimizer, chunk = stored_layout(stored)
     trainer = trainer_for(conv_impl, flat_optimizer)
     if stored:  # runs written before the width was stored: the rule, for their chunk
         vmap_width = int(stored.get("vmap_width_resolved") or width_for(chunk))
@@ -621,7 +634,5 @@ def load_run(out: str) -> dict:
         raise JaxUnlearnError(f"the results of {out!r} are damaged ({problem}); {RETRAIN_HINT} rebuild them")
     # every chunk's outputs; its checkpoint (the bulk: ~26 MB a ResNet-9) is verified when it is loaded
     _raise_if_damaged(out, skip="ckpt")
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
-    return {"config": config, "masks": np.load(os.path.join(out, "masks.npy")),
+    return {"config": _read_config(out), "masks": np.load(os.path.join(out, "masks.npy")),
             "margins": np.load(os.path.join(out, "margins.npy")), "logits": np.load(os.path.join(out, "logits.npy"))}
