@@ -267,6 +267,7 @@ def test_one_config_for_pipeline_and_sweep_and_set_overrides_any_setting(tmp_pat
                      (["recipe.epochs=20", "momentum=0.5"], "not a pipeline setting"),
                      (['method_overrides={"ga":{"lr":0.1}}'], "not a pipeline setting"),
                      (["influence_thresholds=2"], "expected a list"), (["full_models=abc"], "expected an integer"),
+                     (["forget_sets=[random:5, cluster:40:3]"], "a list of strings is written as JSON"),
                      (["alpha=x"], "expected a number"), (["methods.dmm.lr=inf"], "finite number >= 0"),
                      (["methods.dmm.retain_multiplier=-1"], "finite number >= 0"),
                      (["methods.dmm.epochs=inf"], "must be an integer")):

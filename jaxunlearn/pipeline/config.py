@@ -15,6 +15,9 @@ from jaxunlearn.utils import check_field_types, is_integer
 def _setting_value(key: str, value, current):
     """``value`` (parsed from --set) checked against the kind of setting ``key`` is."""
     if isinstance(current, tuple):  # a list setting; a lone string is a one-item list
+        if isinstance(value, str) and value.strip().startswith("["):  # [a, b] without JSON's quotes
+            raise JaxUnlearnError(f"--set {key}={value}: a list of strings is written as JSON, "
+                                  f"{key}='[\"a\", \"b\"]' (quoted for the shell), or one item bare: {key}=a")
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                                   for v in value):
