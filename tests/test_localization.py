@@ -92,14 +92,15 @@ def _reference_mask(params, score_of, fraction=0.3, reduce="topk", topk=0.1):
 
 @pytest.mark.parametrize("mask_name", ["del", "saliency"])
 def test_masks_keep_the_weights_their_definition_scores_highest(mlps, mask_name):
-    # DEL: |θ ⊙ Σ_batches ∇ mean-CE(batch)| (eval mode, the last batch short), each output channel scored by
+    # DEL: |θ ⊙ Σ_batches ∇ mean-CE(batch)| (eval mode, whole batches: the short remainder dropped, as the
+    # authors' drop_last loader; key None drops the last points of the given order), each output channel scored by
     # the mean of its top int(0.1·C) entries; SalUn's saliency: |∇ Σ_i CE(x_i)| per weight. Recomputed here
     # with a Python loop over the batches and NumPy grouping, against the library's scan and lax.top_k.
     import optax
 
     tr, states, data, _ = mlps
     p, s = one(states.params), one(states.batch_stats)
-    cfg = MaskConfig(mask_fraction=0.3, mask_batch_size=16)  # 40 forget points: batches of 16, 16 and 8
+    cfg = MaskConfig(mask_fraction=0.3, mask_batch_size=16)  # 40 forget points: batches of 16 and 16, 8 dropped
 
     def ce(params, idx, reduce):
         logits, _ = data.apply(params, s, data.images[idx], False)
@@ -107,7 +108,7 @@ def test_masks_keep_the_weights_their_definition_scores_highest(mlps, mask_name)
 
     if mask_name == "del":
         grad = jax.jit(jax.grad(ce), static_argnums=2)  # one program a batch shape, not one per eager op
-        grads = [grad(p, FORGET[i:i + 16], jnp.mean) for i in range(0, len(FORGET), 16)]
+        grads = [grad(p, FORGET[i:i + 16], jnp.mean) for i in range(0, 32, 16)]
         g = jax.tree.map(lambda *xs: sum(xs), *grads)
         want, flat, thr = _reference_mask(p, lambda q: jax.tree.map(lambda w, d: jnp.abs(w * d), q, g))
     else:
@@ -119,6 +120,19 @@ def test_masks_keep_the_weights_their_definition_scores_highest(mlps, mask_name)
     assert clear.mean() > 0.95
     np.testing.assert_array_equal(got[clear], want[clear])
     assert got.sum() == want.sum() or abs(int(got.sum()) - int(want.sum())) <= int((~clear).sum())
+
+
+def test_del_scores_whole_batches_dropping_a_random_remainder():
+    from jaxunlearn.localization.masks import full_batches
+
+    idx = jnp.arange(100, 140)  # 40 points in batches of 16: 8 dropped
+    kept = [np.asarray(full_batches(idx, jax.random.key(k), 16)) for k in range(2)]
+    for got in kept:
+        assert len(got) == 32 and len(set(got.tolist())) == 32 and set(got.tolist()) <= set(range(100, 140))
+    assert set(kept[0].tolist()) != set(kept[1].tolist())  # which points are dropped is drawn per key
+    np.testing.assert_array_equal(np.asarray(full_batches(idx, None, 16)), np.arange(100, 132))
+    np.testing.assert_array_equal(np.asarray(full_batches(idx, jax.random.key(0), 20)), idx)  # no remainder
+    np.testing.assert_array_equal(np.asarray(full_batches(idx, jax.random.key(0), 128)), idx)  # under one batch
 
 
 def test_memorization_mask_is_dels_weighted_by_memorization(mlps):

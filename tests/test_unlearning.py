@@ -149,10 +149,10 @@ def test_a_users_own_flax_models_edge_cases(digits):
     forget, retain = np.arange(10), np.arange(10, 200)
     run = lambda d, cfg, m="del": unlearn_ensemble(get_method(m).fn, params, {}, d, forget, retain, None,  # noqa: E731
                                                    keys, cfg)
-    cfg = make_config("del", epochs=1, batch_size=32, train_head=1, lr=0.1)
+    cfg = make_config("del", epochs=1, batch_size=32, lr=0.1)  # train_head=1 by default, as the authors' code
     p, _, _ = run(data, cfg)
     moved = lambda q, leaf: float(jnp.mean(q["classifier"][leaf] != params["classifier"][leaf]))  # noqa: E731
-    p0, _, _ = run(data, make_config("del", epochs=1, batch_size=32, lr=0.1))  # without train_head
+    p0, _, _ = run(data, make_config("del", epochs=1, batch_size=32, lr=0.1, train_head=0))  # the mask alone
     assert moved(p, "bias") == 1.0 and moved(p, "kernel") > 0.9  # the head trained whole...
     assert moved(p0, "kernel") < moved(p, "kernel")  # ...where the mask alone leaves some of it fixed
     p2, _, _ = run(data, make_config("del", epochs=1, batch_size=32, train_head=1, lr=0.1, head="classifier"))

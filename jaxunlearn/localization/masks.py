@@ -10,7 +10,9 @@ cost: f32[] per-example gradient evaluations spent finding it (counted into the 
 
 * ``del``: DEL (Torkzadehmahani et al., TMLR 2025), as the authors' ``generate_mask.py`` with
   ``critic_criteria=weighted_grad, granularity=channel``: per weight |θ ⊙ Σ_b ∇θ CE(b)| over the
-  forget set in batches of 128 (batch-mean CE, eval mode); a tensor of rank > 1 scores each output
+  forget set shuffled and cut into full batches of 128, a short remainder dropped (their loader's
+  ``shuffle=True, drop_last=True``; a forget set smaller than one batch, which gives them no batch at
+  all, is one batch here), batch-mean CE, eval mode; a tensor of rank > 1 scores each output
   channel by the mean of its h = int(0.1 · C_out) largest entries (``mask_channel_reduce="topk"``,
   their ResNets) or by the mean of the whole row (``"mean"``, their ViT), and every weight of the
   channel gets that score; rank-1 tensors (biases, norm scales) are scored per weight; the globally
@@ -128,17 +130,33 @@ def _grouped(scores, config):
     return jax.tree.map(lambda s: channel_scores(s, config.mask_channel_reduce, config.mask_channel_topk), scores)
 
 
-def _criticality_mask(params, model_state, data, forget_idx, config, point_weights=None):
-    """Top fraction of |θ ⊙ Σ_batches ∇θ CE| over the forget set, grouped by output channel."""
-    g = forget_gradient(params, model_state, data, forget_idx, config.mask_batch_size, per_batch_mean=True,
+def full_batches(forget_idx, key, batch: int):
+    """The forget points DEL's scores see: whole batches of ``batch``, the ``f mod batch`` left over
+    dropped at random (``key``; None: the last ones in the given order), as torch's
+    ``DataLoader(shuffle=True, drop_last=True)`` of the authors' code. A sum of equal-size batch means
+    does not depend on which points share a batch, so only the choice of the dropped points is drawn.
+    Fewer points than one batch are kept whole (their loader would give no batch). i32[f] -> i32[used]."""
+    f = forget_idx.shape[0]
+    drop = f % batch if f >= batch else 0
+    if drop == 0:
+        return forget_idx
+    order = forget_idx if key is None else jax.random.permutation(key, forget_idx)
+    return order[:f - drop]
+
+
+def _criticality_mask(params, model_state, data, forget_idx, key, config, point_weights=None):
+    """Top fraction of |θ ⊙ Σ_batches ∇θ CE| over the forget set's full batches (:func:`full_batches`),
+    grouped by output channel. Cost: one gradient per point used."""
+    idx = full_batches(forget_idx, key, config.mask_batch_size)
+    g = forget_gradient(params, model_state, data, idx, config.mask_batch_size, per_batch_mean=True,
                         point_weights=point_weights)
     scores = jax.tree.map(lambda p, d: jnp.abs(p * d), params, g)
-    return top_fraction(_grouped(scores, config), config.mask_fraction), jnp.float32(forget_idx.shape[0])
+    return top_fraction(_grouped(scores, config), config.mask_fraction), jnp.float32(idx.shape[0])
 
 
 def del_mask(params, model_state, data, forget_idx, key, config):
-    """DEL's localization (see the module docstring). Cost: one gradient per forget point."""
-    return _criticality_mask(params, model_state, data, forget_idx, config)
+    """DEL's localization (see the module docstring). Cost: one gradient per forget point used."""
+    return _criticality_mask(params, model_state, data, forget_idx, key, config)
 
 
 def memorization_mask(params, model_state, data, forget_idx, key, config):
@@ -147,7 +165,7 @@ def memorization_mask(params, model_state, data, forget_idx, key, config):
         raise JaxUnlearnError("the memorization mask needs UnlearnData.memorization (f32[n_train], "
                               "jaxunlearn.metrics.memorization of a subset ensemble)")
     w = jnp.maximum(jnp.asarray(data.memorization, jnp.float32), 0.0)
-    return _criticality_mask(params, model_state, data, forget_idx, config, point_weights=w)
+    return _criticality_mask(params, model_state, data, forget_idx, key, config, point_weights=w)
 
 
 def saliency_mask(params, model_state, data, forget_idx, key, config):

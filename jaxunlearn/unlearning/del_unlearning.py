@@ -1,16 +1,17 @@
 """DEL (Torkzadehmahani et al., TMLR 2025): reset the forget set's critical weights, then fine-tune.
 
-As the authors' ``unlearn.py`` (``reset_method=init``, ``update_layers=critical``,
-``grad_mode=descent``): the DEL mask (:func:`jaxunlearn.localization.del_mask`, 30 % of the
-weights) is reset to a FRESH default initialisation (a new draw, not the model's own init), then
-the model is fine-tuned in training mode on the whole retain set with only the masked weights
-updated: SGD momentum 0.9, no weight decay, cosine annealing per epoch to 0.01 · lr
-(``CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr)``, stepped once per epoch). CIFAR-10 /
-ResNet-18: lr 0.015, 30 epochs, batch 128 (the defaults); SVHN / ViT: lr 0.05.
+As the authors' released ``unlearn.py`` (``unlearning_alg=reset+finetune``): the DEL mask
+(:func:`jaxunlearn.localization.del_mask`, 30 % of the weights) is reset to a FRESH default
+initialisation (a new draw, not the model's own init), then the model is fine-tuned in training mode
+on the whole retain set with the masked weights and the whole classifier updated (their gradient mask
+is set to ones for every ``fc`` / ``mlp_head`` parameter): SGD momentum 0.9, no weight decay, cosine
+annealing per epoch to 0.01 · lr (``CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr)``, stepped once
+per epoch). CIFAR-10 / ResNet-18: lr 0.015, 30 epochs, batch 128 (the defaults); SVHN / ViT: lr 0.05.
 
-``train_head=1`` also trains the whole classifier (their ``update_layers=critical_fc``): the top-level
-module of the params with the logits' width C (``head=NAME`` names it where that is ambiguous; the
-order of a params dict cannot tell, since JAX rebuilds dicts with sorted keys). Needs ``data.init`` (the model's initialiser).
+The classifier (``train_head=1``, the default) is the top-level module of the params with the logits'
+width C (``head=NAME`` names it where that is ambiguous; the order of a params dict cannot tell, since
+JAX rebuilds dicts with sorted keys); ``train_head=0`` updates the masked weights only (the mask alone,
+as an earlier version of their code could). Needs ``data.init`` (the model's initialiser).
 Cost: one gradient per forget point (the mask) + the fine-tuning's examples.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ class DELConfig(SGDConfig, MaskConfig):
     epochs: int = struct.field(pytree_node=False, default=30)
     batch_size: int = struct.field(pytree_node=False, default=128)
     retain_per_epoch: int = struct.field(pytree_node=False, default=0)  # 0: the whole retain set
-    train_head: int = struct.field(pytree_node=False, default=0)  # 1: the classifier is trained whole
+    train_head: int = struct.field(pytree_node=False, default=1)  # 1: the classifier is trained whole (theirs)
     head: str = struct.field(pytree_node=False, default="")  # the classifier's module ("": the one C wide)
 
 
