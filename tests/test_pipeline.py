@@ -173,3 +173,12 @@ def test_pipeline_bad_inputs(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path)]) == 2
     assert "no results.json or sweep-*.json in" in capsys.readouterr().err
     assert not (tmp_path / "frontier.json").exists()
+
+
+def test_oracle_matching_never_targets_a_models_own_twin():
+    from jaxunlearn.pipeline.unlearn import oracle_targets
+
+    logits = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)  # 6 oracles; oracle k is model k's twin
+    got = np.asarray(oracle_targets(logits, 3))  # models 0..2 take oracles 0..2, each another model's
+    np.testing.assert_array_equal(got, logits[[1, 2, 0]])
+    np.testing.assert_array_equal(np.asarray(oracle_targets(logits, 1)), logits[:1])  # one model: only its twin

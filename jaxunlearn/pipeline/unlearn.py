@@ -18,7 +18,9 @@ Folder layout of ``out/``: ``datamodels/`` (subset run), ``full/`` (K models on 
 ``datamodel-fits/`` (datamodel fits, keyed by what they read), ``results.json``, ``pareto.png``.
 Every run folder resumes, and a later run or sweep on the folder reuses the datamodel fit.
 
-Methods unlearn full models 0..K/2-1; OM takes its targets from oracles 0..K/2-1; KLoM compares
+Methods unlearn full models 0..K/2-1; OM takes its targets from oracles 0..K/2-1, full model k from
+oracle (k + 1) mod K/2, never its own twin (the reference draws an oracle trained independently of the
+model it targets; a twin shares its init and data order, an easier target); KLoM compares
 against oracles K/2..K-1, and the noise floor is KLoM between the two oracle halves. The MIA fits
 its "in" Gaussians on full models K/2..K-1, "out" on oracles 0..K/2-1, and uses oracles
 K/2..K-1 as its held-out negatives.
@@ -360,12 +362,19 @@ def dm_direct_logits(exp: Experiment, spec: str):
     return jnp.asarray(exp.full["logits"][:exp.k2]) - exp.effects[spec][None]
 
 
+def oracle_targets(oracle_logits, k2: int):
+    """Oracle Matching's targets for full models 0..k2-1: f32[k2, ...] of oracles 0..k2-1, model k
+    getting oracle (k + 1) mod k2, an oracle that shares neither its init nor its data order (oracle k
+    is model k's twin); one model (k2 = 1) can only get its twin."""
+    return jnp.roll(jnp.asarray(oracle_logits[:k2]), -1, axis=0)
+
+
 def method_targets(exp: Experiment, spec: str, kind: str | None):
-    """The target logits f32[k2, n_train, C] a method matches: oracles' ("oracle"), DM-Direct's
-    ("datamodel"), or None."""
+    """The target logits f32[k2, n_train, C] a method matches: oracles' ("oracle", :func:`oracle_targets`),
+    DM-Direct's ("datamodel"), or None."""
     n = exp.dataset.n_train
     if kind == "oracle":
-        return jnp.asarray(exp.oracles[spec]["logits"][:exp.k2, :n])
+        return oracle_targets(exp.oracles[spec]["logits"][:exp.k2, :n], exp.k2)
     if kind == "datamodel":
         return dm_direct_logits(exp, spec)[:, :n]
     return None

@@ -53,8 +53,8 @@ class DMMConfig(MatchingConfig):
 
 
 def retain_pool_size(config: MatchingConfig, forget_size: int, retain_size: int) -> int:
-    """How many retain points one epoch matches."""
-    want = config.retain_per_epoch if config.retain_per_epoch > 0 else int(round(config.retain_multiplier * forget_size))
+    """How many retain points one epoch matches (the reference's ``int(retain_multiplier * |F|)``, rounded down)."""
+    want = config.retain_per_epoch if config.retain_per_epoch > 0 else int(config.retain_multiplier * forget_size)
     return min(want, retain_size)
 
 
