@@ -15,23 +15,24 @@ from jaxunlearn.unlearning.dkvb import (dkvb_activations, dkvb_examples, selecti
 C, K, KD, D, V = 6, 16, 4, 10, 3
 
 
-def _head(seed=0, mask=None):
+def _head(seed=0, mask=None, used=None):
     r = np.random.default_rng(seed)
     proj = random_projection(jax.random.key(seed), C, D, KD)
     keys = jnp.asarray(r.normal(size=(C, K, KD)), jnp.float32)
     values = jnp.asarray(r.normal(size=(C, K, V)), jnp.float32)
     mask = jnp.zeros((C, K), bool) if mask is None else mask
-    return DKVBHead(proj, keys, values, mask)
+    return DKVBHead(proj, keys, values, mask, used)
 
 
 def _brute(head, x):
-    """NumPy: per codebook, argmin over unmasked keys of the squared distance."""
+    """NumPy: per codebook, argmin over the keys neither masked nor unused of the squared distance."""
     proj, keys, mask = (np.asarray(a, np.float64) for a in (head.projection, head.keys, head.key_mask))
+    unused = np.zeros(mask.shape, bool) if head.used is None else ~np.asarray(head.used)
     out = np.zeros((C, x.shape[0]), np.int64)
     for c in range(C):
         z = x @ proj[c]
         d = ((z[:, None, :] - keys[c][None]) ** 2).sum(-1)
-        d[:, mask[c].astype(bool)] = np.inf
+        d[:, mask[c].astype(bool) | unused[c]] = np.inf
         out[c] = d.argmin(1)
     return out
 
@@ -50,6 +51,10 @@ def test_nearest_key_matches_numpy_brute_force_with_and_without_mask():
     np.testing.assert_array_equal(np.asarray(select(masked, jnp.asarray(x), block=5)), _brute(masked, x))
     z = project(head.projection, jnp.asarray(x))
     assert np.asarray(nearest_keys(z, head.keys)).shape == (C, 37)
+    # pairs no training point selected are skipped as masked ones are, and the two combine
+    used = jnp.asarray(np.random.default_rng(8).random((C, K)) < 0.6).at[:, 0].set(True)
+    for h in (_head(used=used), _head(mask=mask.at[:, 0].set(False), used=used)):
+        np.testing.assert_array_equal(np.asarray(select(h, jnp.asarray(x), block=8)), _brute(h, x))
 
 
 def test_masked_pairs_never_selected_and_unmasked_bits_kept():
@@ -131,12 +136,46 @@ def test_trained_heads_learn_and_unlearn_a_class():
     h = jax.tree.map(lambda a: a[0], heads)
     acc = float((np.asarray(dkvb_logits(h, x)).argmax(-1) == y).mean())
     assert acc > 0.95
+    # `used`: exactly the pairs the training points select (the authors' counter > 0 after training)
+    first = np.asarray(select(h.replace(used=None), x))
+    want = np.zeros((8, 32), bool)
+    for c in range(8):
+        want[c, first[c]] = True
+    np.testing.assert_array_equal(np.asarray(h.used), want)
+    assert 0 < want.sum() < want.size
+    # a test point whose nearest key no training point selected falls back to a used one, whose value trained
+    far = jnp.asarray(r.normal(size=(200, D)) * 6, jnp.float32)
+    chosen = np.asarray(select(h, far))
+    assert all(want[c, chosen[c]].all() for c in range(8))
+    assert (np.asarray(select(h.replace(used=None), far)) != chosen).any()
     masked, cost = dkvb_examples(h, x[y == 1], 40)
     pred = np.asarray(dkvb_logits(masked, x)).argmax(-1)
     assert (pred[y == 1] == 1).mean() == 0.0  # every pair the class selected is masked
     c, kk, k = h.keys.shape[-3:]  # per example: projection 2·C·D·k, distances 2·C·K·k, argmin C·K
     per_example = 2 * c * h.feature_dim * k + 2 * c * kk * k + c * kk
     assert cost == {"forward_passes": 40, "gradient_evaluations": 0, "head_flops": 40.0 * per_example}
+
+
+def test_an_oracle_heads_epochs_are_sized_from_its_subset():
+    from jaxunlearn.models.dkvb import shuffled_batches
+
+    w = jnp.ones(100).at[:40].set(0.0)  # 60 training points of 100
+    batches, steps = shuffled_batches(jax.random.key(0), w, 16, 2, 60)
+    assert steps == 4 and batches.shape == (8, 16)  # ceil(60 / 16) steps an epoch, not ceil(100 / 16)
+    assert np.asarray(batches).min() >= 40
+    assert shuffled_batches(jax.random.key(0), w, 16, 2)[1] == 7  # default: the whole set's size
+    y = jnp.asarray(np.arange(100) % V)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(100, D)), jnp.float32)
+    cfg = DKVBConfig(num_codebooks=4, pairs=8, dim_key=4, epochs=2, batch_size=16, init_epochs=1)
+    keys = jax.random.split(jax.random.key(0), 2)
+    with pytest.raises(JaxUnlearnError, match="no training point"):
+        train_heads(keys, x, y, jnp.zeros((2, 100)), V, cfg)
+    from jaxunlearn.models.dkvb import train_head
+
+    heads = train_heads(keys, x, y, jnp.stack([w, w]), V, cfg)
+    sized = jax.jit(lambda p: train_head(keys[0], x, y, w, V, cfg, p), static_argnums=0)
+    assert np.array_equal(np.asarray(heads.values[0]), np.asarray(sized(60).values))
+    assert not np.array_equal(np.asarray(heads.values[0]), np.asarray(sized(100).values))
 
 
 def test_cli_smoke_on_digits_and_bad_class(tmp_path, capsys):

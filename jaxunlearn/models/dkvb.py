@@ -7,7 +7,8 @@ A head maps backbone features f32[N, D] to logits f32[N, V]:
    key dimension k (14);
 2. in each of the C codebooks the nearest key (top-1, squared Euclidean distance) among K keys is
    selected; pairs with ``key_mask`` True are excluded (their distance is +inf, so the next-nearest
-   unmasked key is selected);
+   unmasked key is selected), and so are pairs no training point selected (``used`` False): the
+   authors' bottleneck, outside training, never fetches a pair whose selection count is 0;
 3. the selected value vectors (dimension V = number of classes, initialised to 0) are averaged over
    the codebooks (the non-parametric "codebook-voting-logits" decoder) and are the logits.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax import lax
@@ -35,13 +37,21 @@ class DKVBHead(struct.PyTreeNode):
     """One DKVB head (stack every leaf over a leading axis for an ensemble).
 
     projection: f32[C, D, k]; keys: f32[C, K, k]; values: f32[C, K, V]; key_mask: bool[C, K]
-    (True: the pair is masked, i.e. never selected).
+    (True: the pair is masked by unlearning, i.e. never selected); used: bool[C, K] or None (True:
+    some training point selected the pair while the values were trained; only those are ever
+    selected, as the authors' ``cluster_size_counter > 0`` at evaluation; None: every pair).
     """
 
     projection: jax.Array
     keys: jax.Array
     values: jax.Array
     key_mask: jax.Array
+    used: jax.Array | None = None
+
+    @property
+    def excluded(self) -> jax.Array:
+        """bool[C, K]: pairs never selected, masked or unused."""
+        return self.key_mask if self.used is None else self.key_mask | ~self.used
 
     @property
     def feature_dim(self) -> int:
@@ -52,7 +62,8 @@ class DKVBConfig(struct.PyTreeNode):
     """The head's shape and training recipe. Defaults: the DKVB / unlearning papers' CIFAR-10 setting
     (256 codebooks × 4,096 pairs, keys of dimension 14) and the authors' experiment code (EMA decay
     0.95, 10 key-initialisation epochs, dead-key threshold factor 0.1; values: zeros, plain SGD
-    lr 0.3 without momentum or weight decay, batch 256, global-norm clip 1.0, label smoothing 0.1)."""
+    lr 0.3 without momentum or weight decay, batch 256, global-norm clip 1.0, label smoothing 0.1,
+    2,000 epochs: ``cl_epochs``, the loop their ``scripts/train.py`` runs)."""
 
     num_codebooks: int = struct.field(pytree_node=False, default=256)
     pairs: int = struct.field(pytree_node=False, default=4096)
@@ -65,7 +76,7 @@ class DKVBConfig(struct.PyTreeNode):
     batch_size: int = struct.field(pytree_node=False, default=256)
     clip: float = struct.field(pytree_node=False, default=1.0)
     label_smoothing: float = struct.field(pytree_node=False, default=0.1)
-    epochs: int = struct.field(pytree_node=False, default=100)
+    epochs: int = struct.field(pytree_node=False, default=2000)  # their scripts/train.py: cl_epochs
     point_batch: int = struct.field(pytree_node=False, default=512)  # points per nearest-key block (memory)
 
     def validate(self) -> "DKVBConfig":
@@ -134,12 +145,12 @@ def _blocked(fn, features, block: int):
 
 def select(head: DKVBHead, features, block: int = 512):
     """Indices of the selected pair in every codebook: features f32[N, D] -> i32[C, N]."""
-    return _blocked(lambda f: nearest_keys(project(head.projection, f), head.keys, head.key_mask), features, block)
+    return _blocked(lambda f: nearest_keys(project(head.projection, f), head.keys, head.excluded), features, block)
 
 
 def usable_codebooks(head: DKVBHead):
-    """bool[C]: codebooks with at least one unmasked pair (a fully masked codebook votes 0)."""
-    return jnp.any(~head.key_mask, axis=-1)
+    """bool[C]: codebooks with at least one selectable pair (one with none votes 0)."""
+    return jnp.any(~head.excluded, axis=-1)
 
 
 def decode(values, idx, usable=None):
@@ -192,24 +203,24 @@ def init_keys(key, z, batch_idx, pairs: int, decay: float = 0.95, eps: float = 1
     return keys
 
 
-def shuffled_batches(key, weights, batch: int, epochs: int):
+def shuffled_batches(key, weights, batch: int, epochs: int, points: int | None = None):
     """i32[epochs * steps, batch]: per epoch a shuffle of the points with weight > 0 (bool/0-1 f32[N]),
     cut into batches (the last one wraps around): ``subset_batches`` of those points, one key per
-    epoch, with as many steps as the whole set needs (static shapes)."""
-    steps = max(1, -(-weights.shape[0] // batch))
+    epoch, with as many steps as ``points`` (static; default N, the whole set) need."""
+    steps = max(1, -(-(weights.shape[0] if points is None else points) // batch))
     one = lambda k: subset_batches(weights > 0, k, batch, steps)  # noqa: E731
     return jax.vmap(one)(jax.random.split(key, epochs)).reshape(-1, batch), steps
 
 
-def train_values(values, idx, labels, weights, key, config: DKVBConfig):
+def train_values(values, idx, labels, weights, key, config: DKVBConfig, points: int | None = None):
     """Trains the values only, over precomputed selections (keys and projection are frozen, so each
     training point's selected pairs never change): idx i32[C, N], labels i32[N], weights f32[N]
     (1: the point is in the training set). Plain SGD, global-norm clipping, label smoothing; epochs
-    of ``ceil(|train| / batch)`` steps (static: ceil(N / batch) steps, points of the subset cycled).
+    of ``ceil(points / batch)`` steps (``points``: the training set's size, static; default N).
     Returns values f32[C, K, V]."""
     num_classes = values.shape[-1]
     tx = optax.chain(optax.clip_by_global_norm(config.clip), optax.sgd(config.lr))
-    batches, _ = shuffled_batches(key, weights, config.batch_size, config.epochs)
+    batches, _ = shuffled_batches(key, weights, config.batch_size, config.epochs, points)
 
     def loss(v, b):
         logits = decode(v, idx[:, b])
@@ -228,44 +239,52 @@ def train_values(values, idx, labels, weights, key, config: DKVBConfig):
     return values
 
 
-def train_head(key, features, labels, weights, num_classes: int, config: DKVBConfig):
+def train_head(key, features, labels, weights, num_classes: int, config: DKVBConfig, points: int | None = None):
     """One DKVB head trained from scratch on the points with weight 1.
 
     features f32[N, D], labels i32[N], weights f32[N] (0/1 mask of the training subset: the oracle
-    is the same key with the forget points' weights 0). Keys: projection ``fold_in(key, 0)``, key
-    init ``fold_in(key, 1)``, value training ``fold_in(key, 2)``. Returns a :class:`DKVBHead`.
+    is the same key with the forget points' weights 0); ``points``: the subset's size (static; its
+    epochs take ceil(points / batch) steps; default N). Keys: projection ``fold_in(key, 0)``, key
+    init ``fold_in(key, 1)``, value training ``fold_in(key, 2)``. Returns a :class:`DKVBHead` whose
+    ``used`` marks the pairs the subset's points select.
     """
     c, kdim = config.num_codebooks, config.dim_key
     proj = random_projection(jax.random.fold_in(key, 0), c, features.shape[1], kdim)
     z = _blocked(lambda f: project(proj, f), features, config.point_batch)  # [C, N, k]
     kb, ke = jax.random.split(jax.random.fold_in(key, 1))
-    init_idx, _ = shuffled_batches(kb, weights, config.batch_size, config.init_epochs)
+    init_idx, _ = shuffled_batches(kb, weights, config.batch_size, config.init_epochs, points)
     threshold = config.threshold_factor * config.batch_size / config.pairs
     keys = init_keys(ke, z, init_idx, config.pairs, config.decay, config.eps, threshold)
     mask = jnp.zeros((c, config.pairs), bool)
     # the projections z again, not recomputed: points first for _blocked, codebooks first for nearest_keys
     idx = _blocked(lambda zb: nearest_keys(jnp.swapaxes(zb, 0, 1), keys), jnp.swapaxes(z, 0, 1), config.point_batch)
     values = jnp.zeros((c, config.pairs, num_classes), jnp.float32)
-    values = train_values(values, idx, labels, weights, jax.random.fold_in(key, 2), config)
-    return DKVBHead(proj, keys, values, mask)
+    values = train_values(values, idx, labels, weights, jax.random.fold_in(key, 2), config, points)
+    used = jax.vmap(lambda i: jnp.zeros(config.pairs, bool).at[i].max(weights > 0))(idx)  # [C, K]
+    return DKVBHead(proj, keys, values, mask, used)
 
 
 def train_heads(keys, features, labels, weights, num_classes: int, config: DKVBConfig, vmap_width: int = 1):
     """An ensemble of heads, one per key (key[S]) and weight row (f32[S, N]), mapped with
-    :func:`jaxunlearn.training.ensemble.map_models`. Returns a stacked :class:`DKVBHead`."""
+    :func:`jaxunlearn.training.ensemble.map_models`; each epoch has as many steps as the largest row's
+    points need (a row of N - |F| points, an oracle, takes the steps of N - |F|, not of N).
+    Returns a stacked :class:`DKVBHead`."""
     config.validate()
     chex.assert_rank(features, 2)
-    return _train_heads_jit(keys, features, labels, weights, num_classes, config, vmap_width)
+    points = int(np.max(np.sum(np.asarray(weights) > 0, axis=-1)))
+    if points < 1:
+        raise JaxUnlearnError("DKVB heads: a weight row has no training point")
+    return _train_heads_jit(keys, features, labels, weights, num_classes, config, vmap_width, points)
 
 
-def _train_heads(keys, features, labels, weights, num_classes, config, vmap_width):
+def _train_heads(keys, features, labels, weights, num_classes, config, vmap_width, points):
     from jaxunlearn.training.ensemble import map_models
 
-    return map_models(lambda a: train_head(a[0], features, labels, a[1], num_classes, config), (keys, weights),
-                      vmap_width, keys.shape[0])
+    return map_models(lambda a: train_head(a[0], features, labels, a[1], num_classes, config, points),
+                      (keys, weights), vmap_width, keys.shape[0])
 
 
-_train_heads_jit = jax.jit(_train_heads, static_argnums=(4, 5, 6))
+_train_heads_jit = jax.jit(_train_heads, static_argnums=(4, 5, 6, 7))
 
 
 def head_flops(head: DKVBHead) -> float:

@@ -202,11 +202,17 @@ def klom_rows(oracle_logits, logits, labels, n_train: int, forget_class: int) ->
 
 # --------------------------------------------------------------------------------------------- storage
 
-def _cached(path: str, build: Callable, log) -> dict:
+def _cached(path: str, build: Callable, log, required=()) -> dict:
+    """The arrays stored at ``path``, or ``build()``'s, stored there. A damaged file, or one without
+    every ``required`` name (an older format), is rebuilt."""
     if os.path.isfile(path):
         try:
             with np.load(path) as z:
-                return {k: jnp.asarray(z[k]) for k in z.files}
+                tree = {k: jnp.asarray(z[k]) for k in z.files}
+            missing = [k for k in required if k not in tree]
+            if not missing:
+                return tree
+            log(f"{path} predates {', '.join(missing)}; rebuilding it")
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
             log(f"{path} is damaged; rebuilding it")
     tree = build()
@@ -215,7 +221,7 @@ def _cached(path: str, build: Callable, log) -> dict:
 
 
 def _heads_dict(h: DKVBHead) -> dict:
-    return {"projection": h.projection, "keys": h.keys, "values": h.values, "key_mask": h.key_mask}
+    return {"projection": h.projection, "keys": h.keys, "values": h.values, "key_mask": h.key_mask, "used": h.used}
 
 
 def _log(line: str) -> None:
@@ -320,8 +326,8 @@ def run_dkvb(cfg: DKVBExperiment, out: str, features: Callable | None = None, pr
 
     def heads_for(weights, name):
         path = os.path.join(out, f"{name}.npz")
-        tree = _cached(path, lambda: _heads_dict(train_heads(keys, ftr, ytr, weights, V, hc)), log)
-        return DKVBHead(tree["projection"], tree["keys"], tree["values"], tree["key_mask"])
+        tree = _cached(path, lambda: _heads_dict(train_heads(keys, ftr, ytr, weights, V, hc)), log, ("used",))
+        return DKVBHead(tree["projection"], tree["keys"], tree["values"], tree["key_mask"], tree["used"])
 
     def linears_for(weights, name):
         return _cached(os.path.join(out, f"{name}.npz"), lambda: _train_linears(
