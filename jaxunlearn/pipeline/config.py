@@ -137,8 +137,9 @@ class PipelineConfig:
     lds_points: int = 20000  # ridge LDS on margins of at most this many points (memory: points × n_train)
     lasso_iters: int = 50  # FISTA iterations per λ (warm-started path; on digits 50 and 200 give the same LDS)
     chunk: int | None = None
-    # KLoM's binning: "inclusive" (every sample counted) or "reference" (data-unlearning-bench's
-    # np.digitize binning, which drops samples equal to the pooled maximum: matches published numbers)
+    # KLoM's binning: "inclusive" (every sample counted) or "reference" (data-unlearning-bench's run.py /
+    # eval.py np.digitize binning, which drops samples equal to the pooled maximum; not its older
+    # auditors/direct.py, see README)
     klom_binning: str = "inclusive"
     # "oracle||unlearned" (what data-unlearning-bench's run.py computes) or "unlearned||oracle" (EasyDUB)
     klom_direction: str = "oracle||unlearned"
