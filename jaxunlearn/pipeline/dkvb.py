@@ -235,7 +235,7 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
     from jaxunlearn.progress import Progress
     from jaxunlearn.training import RunConfig, load_recipe, train_run
     from jaxunlearn.training.recipe import DEFAULT_RECIPE
-    from jaxunlearn.training.run import load_chunk_variables, run_trainer
+    from jaxunlearn.training.run import load_chunk_variables, read_run_config, run_trainer
 
     recipe = load_recipe(cfg.recipe or DEFAULT_RECIPE[cfg.dataset]).with_epochs(cfg.backbone_epochs).validate()
     run = RunConfig(dataset=cfg.dataset, models=1, recipe=recipe, seed=cfg.seed, alpha=1.0, chunk=1)
@@ -245,8 +245,7 @@ def backbone_features(cfg: DKVBExperiment, dataset, out: str, progress: bool = T
         summary = train_run(run, dataset, bdir, progress=bar, log=log)
     finally:
         bar.close()
-    with open(os.path.join(bdir, "config.json")) as f:
-        trainer = run_trainer(json.load(f), dataset)
+    trainer = run_trainer(read_run_config(bdir), dataset)
     v = jax.tree.map(lambda x: jnp.asarray(x)[0], load_chunk_variables(bdir, 0))
     params, stats = v["params"], v.get("batch_stats", {})
 

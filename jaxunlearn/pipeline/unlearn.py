@@ -49,7 +49,7 @@ from jaxunlearn.progress import Progress
 from jaxunlearn.training import RunConfig, load_chunk_variables, load_recipe, load_run, train_run
 from jaxunlearn.utils import make_folder, save_npy_atomic, write_json_atomic
 from jaxunlearn.training.ensemble import EnsembleFns
-from jaxunlearn.training.run import run_trainer
+from jaxunlearn.training.run import read_run_config, run_trainer
 from jaxunlearn.training.strategy import ensemble_layout
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.metrics.memorization import accuracy_gaps, memorization, tug_of_war
@@ -139,8 +139,7 @@ def cached_datamodels(dm_dir: str, cfg: PipelineConfig, forget: dict, cache_dir:
     """:func:`datamodel_lds` and :func:`forget_effects`, stored under ``cache_dir`` and reused by later
     runs on the same folder (every sweep starts from the pipeline's fits). Each file is keyed by a
     hash of everything its fit reads: the datamodel run's config, the fit settings, the forget set."""
-    with open(os.path.join(dm_dir, "config.json")) as f:
-        base = {"run": json.load(f), "seed": cfg.seed}
+    base = {"run": read_run_config(dm_dir), "seed": cfg.seed}
     lds_path = _cache_path(cache_dir, {**base, "lds": [cfg.lds_points, cfg.lasso_targets, cfg.lasso_iters,
                                                        list(cfg.influence_thresholds)]}) + ".json"
     os.makedirs(cache_dir, exist_ok=True)
@@ -173,8 +172,7 @@ def cached_memorization(dm_dir: str, train_labels, cache_dir: str) -> np.ndarray
     """Feldman-Zhang memorization of every training point from the α-subset ensemble, f32[n_train]
     (correct = the argmax of a model's logits is the label), stored under ``cache_dir`` keyed by the
     datamodel run's config. The logits are read memory-mapped, a block of models at a time."""
-    with open(os.path.join(dm_dir, "config.json")) as f:
-        path = _cache_path(cache_dir, {"run": json.load(f), "memorization": 2}) + ".npy"
+    path = _cache_path(cache_dir, {"run": read_run_config(dm_dir), "memorization": 2}) + ".npy"
     if not os.path.isfile(path):
         labels = np.asarray(train_labels)
         n = labels.shape[0]

@@ -327,7 +327,8 @@ def run_trainer(config: dict, dataset: Dataset):
                         dataset.std, config["steps_per_epoch"], conv_impl, flat_optimizer=flat_optimizer)
 
 
-def _read_config(out: str) -> dict:
+def read_run_config(out: str) -> dict:
+    """A run folder's ``config.json`` (what :func:`train_run` wrote: the run, its data and its layout)."""
     with open(os.path.join(out, "config.json")) as f:
         return json.load(f)
 
@@ -448,7 +449,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     # program
     stored = {}
     if resuming:
-        stored = _read_config(out)
+        stored = read_run_config(out)
         conv_impl, flat_optimizer, chunk = stored_layout(stored)
     else:
         # the models rounded up to a multiple of the devices: a short chunk is padded, never put on fewer devices
@@ -490,7 +491,7 @@ def train_run(cfg: RunConfig, dataset: Dataset, out: str, progress: Callable | N
     created_run = not resuming and _create_json_once(os.path.join(out, "config.json"), run_dict)
     if not resuming and not created_run:
         _check_out(out, run_dict)  # another worker created the run first: same config, and its layout
-        stored = _read_config(out)
+        stored = read_run_config(out)
         conv_impl, flat_optimizer, chunk = stored_layout(stored)
     trainer = trainer_for(conv_impl, flat_optimizer)
     if stored:  # runs written before the width was stored: the rule, for their chunk
@@ -634,5 +635,5 @@ def load_run(out: str) -> dict:
         raise JaxUnlearnError(f"the results of {out!r} are damaged ({problem}); {RETRAIN_HINT} rebuild them")
     # every chunk's outputs; its checkpoint (the bulk: ~26 MB a ResNet-9) is verified when it is loaded
     _raise_if_damaged(out, skip="ckpt")
-    return {"config": _read_config(out), "masks": np.load(os.path.join(out, "masks.npy")),
+    return {"config": read_run_config(out), "masks": np.load(os.path.join(out, "masks.npy")),
             "margins": np.load(os.path.join(out, "margins.npy")), "logits": np.load(os.path.join(out, "logits.npy"))}
