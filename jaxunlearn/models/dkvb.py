@@ -132,6 +132,13 @@ def nearest_keys(z, keys, key_mask=None):
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
+def pair_counts(idx, pairs: int, weights=None):
+    """How often each pair is selected: idx i32[C, N] (every codebook's selected pair per point), weights
+    f32[N] (default 1) -> f32[C, K] (K = ``pairs``), one scatter-add per codebook."""
+    w = jnp.ones(idx.shape[1], jnp.float32) if weights is None else weights
+    return jax.vmap(lambda i: jnp.zeros(pairs, jnp.float32).at[i].add(w))(idx)
+
+
 def _blocked(fn, features, block: int):
     """fn(f32[b, ...]) -> f32|i32[C, b, ...] over point blocks of ``features`` f32[N, ...]; -> [C, N, ...]."""
     n = features.shape[0]
@@ -187,7 +194,7 @@ def init_keys(key, z, batch_idx, pairs: int, decay: float = 0.95, eps: float = 1
         x = z[:, idx]  # [C, B, k]
         sel = nearest_keys(x, keys)  # [C, B]
         # per-key counts and feature sums by scatter-add (the one-hot einsum of the reference, O(C·B·k))
-        counts = jax.vmap(lambda i: jnp.zeros(pairs, jnp.float32).at[i].add(1.0))(sel)
+        counts = pair_counts(sel, pairs)
         sums = jax.vmap(lambda i, xc: jnp.zeros((pairs, k), jnp.float32).at[i].add(xc))(sel, x)
         size = decay * size + (1 - decay) * counts
         keys_avg = decay * keys_avg + (1 - decay) * sums
@@ -260,7 +267,7 @@ def train_head(key, features, labels, weights, num_classes: int, config: DKVBCon
     idx = _blocked(lambda zb: nearest_keys(jnp.swapaxes(zb, 0, 1), keys), jnp.swapaxes(z, 0, 1), config.point_batch)
     values = jnp.zeros((c, config.pairs, num_classes), jnp.float32)
     values = train_values(values, idx, labels, weights, jax.random.fold_in(key, 2), config, points)
-    used = jax.vmap(lambda i: jnp.zeros(config.pairs, bool).at[i].max(weights > 0))(idx)  # [C, K]
+    used = pair_counts(idx, config.pairs, (weights > 0).astype(jnp.float32)) > 0  # [C, K]
     return DKVBHead(proj, keys, values, mask, used)
 
 

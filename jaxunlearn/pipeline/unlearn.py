@@ -372,7 +372,7 @@ def method_targets(exp: Experiment, spec: str, kind: str | None):
     DM-Direct's ("datamodel"), or None."""
     n = exp.dataset.n_train
     if kind == "oracle":
-        return oracle_targets(exp.oracles[spec]["logits"][:exp.k2, :n], exp.k2)
+        return oracle_targets(exp.oracles[spec]["logits"][:, :n], exp.k2)  # a view: only k2 models go to the device
     if kind == "datamodel":
         return dm_direct_logits(exp, spec)[:, :n]
     return None

@@ -26,15 +26,12 @@ import numpy as np
 
 from jaxunlearn.errors import JaxUnlearnError
 from jaxunlearn.localization.masks import descending_ranks
-from jaxunlearn.models.dkvb import DKVBHead, check_features, head_flops, select
+from jaxunlearn.models.dkvb import DKVBHead, check_features, head_flops, pair_counts, select
 
 
 def selection_counts(head: DKVBHead, features, weights=None, block: int = 512):
     """How often each pair is selected: features f32[N, D], weights f32[N] (default 1) -> f32[C, K]."""
-    idx = select(head, features, block)  # [C, N]
-    w = jnp.ones(features.shape[0], jnp.float32) if weights is None else weights
-    c, k = head.key_mask.shape
-    return jax.vmap(lambda i: jnp.zeros(k, jnp.float32).at[i].add(w))(idx)
+    return pair_counts(select(head, features, block), head.key_mask.shape[1], weights)
 
 
 def _top_mask(counts, n):
