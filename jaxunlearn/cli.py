@@ -336,7 +336,7 @@ def build_parser():
     k.add_argument("--config", default=None, help="a dkvb .json (see experiments/dkvb_*.json); default: "
                    "experiments/dkvb_digits.json for digits, the papers' head sizes otherwise")
     k.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="override any setting: heads=4 pairs=512 n_a=[100,1000] scrub.lr=0.01")
+                   help="override any setting: heads=4 pairs=512 n_a=[100,1000] scrub_grid=[] scrub.lr=0.01")
     k.add_argument("--out", required=True)
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=cmd_dkvb)

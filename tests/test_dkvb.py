@@ -123,6 +123,12 @@ def test_bad_input_is_one_clear_error():
         with pytest.raises(JaxUnlearnError, match=msg):
             base.with_overrides([item])
     assert base.with_overrides(["per_codebook=true", "n_e=[3]"]).per_codebook is True
+    # a SCRUB field that the grid also sweeps would be silently replaced: refused, by name
+    gridded = base.with_overrides(['scrub_grid=["lr=0.1,0.2", "epochs=1"]'])
+    with pytest.raises(JaxUnlearnError, match="scrub.lr is also an axis of scrub_grid"):
+        gridded.with_overrides(["scrub.lr=0.05"])
+    (one,) = gridded.with_overrides(["scrub_grid=[]", "scrub.lr=0.05"]).scrub_configs()
+    assert one.lr == 0.05
 
 
 def test_trained_heads_learn_and_unlearn_a_class():

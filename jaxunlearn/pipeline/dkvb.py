@@ -119,6 +119,11 @@ class DKVBExperiment:
         if not (self.linear_lr > 0 and self.linear_epochs >= 1 and self.linear_batch_size >= 1):
             raise JaxUnlearnError("linear_lr must be > 0, linear_epochs and linear_batch_size >= 1")
         self.head_config()
+        swept = sorted({item.partition("=")[0].strip() for item in self.scrub_grid} & set(self.scrub))
+        if swept:
+            raise JaxUnlearnError(
+                f"scrub.{swept[0]} is also an axis of scrub_grid, whose values would replace it; drop it from "
+                f"the grid (e.g. --set scrub_grid=[] for one SCRUB row) or sweep it there")
         self.scrub_configs()  # unknown SCRUB hyperparameters fail here
         return self
 
