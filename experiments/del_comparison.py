@@ -4,7 +4,9 @@
         --results experiments/results/del_digits_cnn [--set full_models=16 ...] [--redo]
 
 1. ``jaxunlearn pipeline`` on the grid's pipeline config (ensembles, oracles, the reference rows and
-   ``del`` at its configured point), unless the folder has its ``results.json`` already;
+   ``del`` at its configured point), unless the folder has its ``results.json`` already (one made
+   for other forget sets is refused: give the comparison a folder of its own, with another run's
+   ``datamodels/``, ``datamodel-fits/`` and ``full/`` copied in to reuse its ensembles);
 2. one ``jaxunlearn sweep`` per ``METHOD@MASK`` (every localization × base method) and for ``del``,
    over the grid's learning rates (a sweep already on disk is reused unless ``--redo``);
 3. each cell's best grid point by tug-of-war (the DEL paper's selection; KLoM breaks ties), written
@@ -124,14 +126,23 @@ def main(argv=None) -> int:
         spec = json.load(f)
     config = os.path.join(os.path.dirname(os.path.abspath(args.grid)), spec["pipeline"])
     sets = ["--set", *args.set] if args.set else []
-    if args.redo or not os.path.isfile(os.path.join(args.out, "results.json")):
+    cfg = PipelineConfig.from_json(config).with_overrides(args.set or None)
+    made = os.path.join(args.out, "results.json")
+    if os.path.isfile(made) and not args.redo:  # another pipeline's results in the folder would mix in
+        with open(made) as f:
+            have = list(json.load(f).get("forget_sets", {}))
+        if have != list(cfg.forget_sets):
+            print(f"del_comparison: {made} holds forget sets {have}, not this grid's {list(cfg.forget_sets)}; "
+                  "give --out a folder of its own (copy another pipeline's datamodels/, datamodel-fits/ and full/ "
+                  "into it to reuse those ensembles)", file=sys.stderr)
+            return 2
+    if args.redo or not os.path.isfile(made):
         rc = cli(["pipeline", "--config", config, "--out", args.out, *sets])
         if rc:
             return rc
     names = [f"{m}@{loc}" for m in spec["methods"] for loc in spec["localizations"]] + ["del"]
     todo = [n for n in names if args.redo or not os.path.isfile(os.path.join(args.out, f"sweep-{safe_name(n)}.json"))]
     if todo:  # one prepare (ensembles, fits, oracles loaded once), then every sweep on it
-        cfg = PipelineConfig.from_json(config).with_overrides(args.set or None)
         exp = prepare(cfg, args.out)
         for name in todo:
             grid = spec["grids"][name.partition("@")[0]]
