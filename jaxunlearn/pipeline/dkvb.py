@@ -102,6 +102,8 @@ class DKVBExperiment:
         return [make_config("scrub", **self.scrub)]
 
     def validate(self) -> "DKVBExperiment":
+        from jaxunlearn.unlearning.registry import grid_axes
+
         if self.dataset not in LOADERS:
             raise JaxUnlearnError(f"unknown data set {self.dataset!r}; choose one of {', '.join(LOADERS)}")
         if not self.forget_classes:
@@ -119,7 +121,7 @@ class DKVBExperiment:
         if not (self.linear_lr > 0 and self.linear_epochs >= 1 and self.linear_batch_size >= 1):
             raise JaxUnlearnError("linear_lr must be > 0, linear_epochs and linear_batch_size >= 1")
         self.head_config()
-        swept = sorted({item.partition("=")[0].strip() for item in self.scrub_grid} & set(self.scrub))
+        swept = sorted(set(grid_axes(self.scrub_grid)) & set(self.scrub)) if self.scrub_grid else []
         if swept:
             raise JaxUnlearnError(
                 f"scrub.{swept[0]} is also an axis of scrub_grid, whose values would replace it; drop it from "

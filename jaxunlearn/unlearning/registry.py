@@ -156,9 +156,9 @@ def check_config(config, method: Callable | None = None) -> None:
             _checked_value(name, f.name, kind, v.item() if hasattr(v, "item") else v)
 
 
-def parse_grid(name: str, items, base: dict | None = None) -> list:
-    """``["lr=0.01,0.02", "epochs=2,4"]`` -> the configs of the Cartesian product, in order; fields
-    the grid does not name come from ``base`` (e.g. a pipeline's overrides), then the defaults."""
+def grid_axes(items) -> dict:
+    """``["lr=0.01,0.02", "epochs=2,4"]`` -> ``{"lr": [0.01, 0.02], "epochs": [2.0, 4.0]}`` (in order);
+    a malformed, repeated or non-numeric entry is one clear error."""
     axes = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -173,6 +173,13 @@ def parse_grid(name: str, items, base: dict | None = None) -> list:
             raise JaxUnlearnError(f"bad grid entry {item!r}: values must be numbers") from None
     if not axes:
         raise JaxUnlearnError("empty grid; give at least one NAME=V1,V2,...")
+    return axes
+
+
+def parse_grid(name: str, items, base: dict | None = None) -> list:
+    """``["lr=0.01,0.02", "epochs=2,4"]`` -> the configs of the Cartesian product, in order; fields
+    the grid does not name come from ``base`` (e.g. a pipeline's overrides), then the defaults."""
+    axes = grid_axes(items)
     names = list(axes)
     return [make_config(name, **{**(base or {}), **dict(zip(names, combo))})
             for combo in itertools.product(*axes.values())]
