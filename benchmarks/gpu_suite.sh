@@ -11,10 +11,10 @@
 #           double buffering, autotune levels), each compiled in a process of its own, the same MODELS-model bf16
 #           chunk on DATA_DIR (benchmarks/compile_options.py --isolate): run and compile time against the default's
 #   variants: the formulations of the bf16 ResNet-9 epoch side by side (benchmarks/step_variants.py: the library's,
-#           the optimizer on the parameter tree, the ReLU mask from the input, the strided convolution as it was,
-#           autodiff's BatchNorm, the scan unrolled; epochs interleaved), MODELS models on DATA_DIR, then ours vs
-#           the PyTorch loop in the steady state only (peer_torch.py --steady-only; TILE=10 for the paper's
-#           per-model work)
+#           the optimizer on the parameter tree, the ReLU mask from the input, the max-pools' gradient to the first
+#           maximum, the strided convolution as it was, autodiff's BatchNorm, the scan unrolled; epochs interleaved),
+#           MODELS models on DATA_DIR, then ours vs the PyTorch loop in the steady state only (peer_torch.py
+#           --steady-only; TILE=10 for the paper's per-model work; OURS_VARIANT=NAME runs ours as that formulation)
 # Each figure's exact command is echoed into OUTDIR/log.txt.
 set -u
 stage=$1; out=$2; mkdir -p "$out"
@@ -61,9 +61,9 @@ variants)
   m=${MODELS:-8}
   run timeout ${TIMEOUT:-200} $py benchmarks/step_variants.py --model resnet9 --dtype bfloat16 --models "$m" --epochs 5 \
       --data-dir "${DATA_DIR:?set DATA_DIR to the cifar10 python archive folder}" \
-      --variants ${VARIANTS:-fused_bn tree_optimizer bn_mask_from_input xla autodiff_bn unrolled} --json "$out/gpu_step_variants_resnet9_m$m.json"
+      --variants ${VARIANTS:-fused_bn tree_optimizer bn_mask_from_input pool_first_max xla autodiff_bn unrolled} --json "$out/gpu_step_variants_resnet9_m$m.json"
   run timeout ${TIMEOUT:-200} $py benchmarks/peer_torch.py --configs "resnet9:$m" --device cuda --steady-only \
-      --tile-train ${TILE:-1} --data-dir "$DATA_DIR" --skip "torch-vmap@resnet9:$m" \
+      --tile-train ${TILE:-1} --data-dir "$DATA_DIR" --skip "torch-vmap@resnet9:$m" ${OURS_VARIANT:+--ours-variant "$OURS_VARIANT"} \
       --json "$out/gpu_peer_torch_resnet9_m${m}_tile${TILE:-1}_steady.json"
   ;;
 esac

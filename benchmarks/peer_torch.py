@@ -135,6 +135,7 @@ def worker_ours(a) -> dict:
 
     use_one_cpu_device_per_core()
 
+    from step_variants import _variant, variant_chunk
     from train_chunk import train_chunk
 
     from jaxunlearn.data import load_dataset
@@ -144,15 +145,17 @@ def worker_ours(a) -> dict:
     fields.pop("steps_per_epoch")
     recipe = recipe_from_fields(fields)
     d = load_dataset(PEER_MODELS[recipe.model][0], a.data_dir)
-    c = train_chunk(recipe, d, a.models, a.seed)
-    states, keys = jax.block_until_ready(c.fns.init_models(np.int32(a.seed), c.ids))
-    epochs = []
-    for e in range(recipe.epochs):
-        t = time.perf_counter()
-        states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(e))
-        jax.block_until_ready(states)
-        epochs.append(time.perf_counter() - t)
-    logits = np.asarray(c.fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
+    with _variant(a.ours_variant) if a.ours_variant else contextlib.nullcontext():  # programs compiled inside
+        c = variant_chunk(a.ours_variant, recipe, d, a.models, a.seed) if a.ours_variant else \
+            train_chunk(recipe, d, a.models, a.seed)
+        states, keys = jax.block_until_ready(c.fns.init_models(np.int32(a.seed), c.ids))
+        epochs = []
+        for e in range(recipe.epochs):
+            t = time.perf_counter()
+            states, _ = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(e))
+            jax.block_until_ready(states)
+            epochs.append(time.perf_counter() - t)
+        logits = np.asarray(c.fns.logits(states.params, states.batch_stats, jax.device_put(d.test_images)))
     acc = float((logits.argmax(-1) == d.test_labels[None]).mean())
     return {"epoch_seconds": epochs, "test_accuracy": acc,
             "layout": c.layout, "jax_device": c.devices[0].device_kind}
@@ -509,6 +512,8 @@ def _worker(name: str, models: int, seed: int, data: str, recipe: dict, opts, ti
            "--data", data, "--recipe", json.dumps(recipe), "--device", opts.device]
     if opts.data_dir:
         cmd += ["--data-dir", opts.data_dir]
+    if name == "ours" and opts.ours_variant:
+        cmd += ["--ours-variant", opts.ours_variant]
     wall, out, load = _timed(cmd, env=env, timeout=timeout)
     if out is None:
         return wall, {"timed_out": True, **load}
@@ -568,7 +573,8 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
         wall, res = _worker("ours", models, seed, data, recipe, opts)
         runs["ours_steady"].append({"wall": wall, **res})
         acc.setdefault("ours", res["test_accuracy"])
-        log(f"  {model}/{models} ours steady: {_steady(res['epoch_seconds']):.3f}s/epoch ({res['layout']})")
+        log(f"  {model}/{models} ours steady: {_steady(res['epoch_seconds']):.3f}s/epoch ({res['layout']}"
+            f"{', variant ' + opts.ours_variant if opts.ours_variant else ''})")
         for name in ("torch-loop", "torch-vmap"):
             if f"{name}@{model}:{models}" in skip:
                 continue
@@ -590,7 +596,7 @@ def _run_config(tmp: str, model: str, models: int, seed: int, repeats: int, skip
            "torch_device": opts.device, "repeats": repeats, "port_check": port,
            "ours": {"wall_cold": med([x["wall"] for x in runs["ours_cold"]]),
                     "wall_warm": med([x["wall"] for x in runs["ours_warm"]]),
-                    "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"],
+                    "steady_epoch_seconds": ours_steady, "test_accuracy": acc["ours"], "variant": opts.ours_variant,
                     "compile_cold": runs["ours_cold"][-1]["compile"] if runs["ours_cold"] else None,
                     "compile_warm": runs["ours_warm"][-1]["compile"] if runs["ours_warm"] else None},
            "raw": runs}
@@ -684,6 +690,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steady-only", action="store_true",
                    help="leave out our whole-process runs (jaxunlearn train, cold and warm): steady state only")
+    p.add_argument("--ours-variant", default=None, metavar="NAME",
+                   help="with --steady-only: ours as step_variants.py's formulation NAME (e.g. pool_first_max) "
+                        "instead of the library's, to measure a candidate against torch before adopting it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], help="e.g. torch-vmap@cnn:256 (a slow peer left out)")
     p.add_argument("--timeout", type=float, default=None, help="stop a torch process after this many seconds")
@@ -715,6 +724,13 @@ def main(argv=None) -> int:
     if a.epochs is not None and a.epochs < 2:
         raise SystemExit(f"--epochs {a.epochs}: the steady state needs at least 2 epochs (the first one carries "
                          "compiling and warm-up)")
+    if a.ours_variant is not None:
+        if not a.steady_only:
+            raise SystemExit("--ours-variant needs --steady-only (the whole-process runs are jaxunlearn train's, "
+                             "the library as it is)")
+        from step_variants import check_variant  # this script's folder is first on sys.path
+
+        check_variant(a.ours_variant, "--ours-variant")
     if a.tile_train < 1:
         raise SystemExit(f"--tile-train must be >= 1, got {a.tile_train}")
     tiled = None

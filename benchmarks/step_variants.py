@@ -10,6 +10,9 @@ The epoch program of ``train``'s layout for ``--models`` models (``train_chunk.p
 * ``autodiff_bn``: ``nn.BatchNorm`` then ``nn.relu``, differentiated by JAX (the formulation before it);
 * ``bn_mask_from_input``: the library's, with the backward pass's ReLU mask recomputed from the layer's input
   instead of read from its output (that pass then reads x and the output's gradient, not the output too);
+* ``pool_first_max``: the library's, with ResNet-9's 2x2 and global max-pools' gradients sent to the first
+  maximum of each window (PyTorch's choice) by one elementwise pass each (:func:`first_max_pools`), instead of
+  split evenly among tied maxima, which costs autodiff a count of the ties (a reduction) before that pass;
 * ``unrolled``: the library's, with the epoch's ``lax.scan`` over steps unrolled (no while loop per step);
 * ``flat_optimizer`` / ``tree_optimizer``: the library's, with the optimizer run on the parameters raveled into
   one vector (``optax.flatten``: one fused update instead of one per parameter array; ``train``'s choice on a
@@ -44,8 +47,8 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-VARIANTS = ("fused_bn", "autodiff_bn", "bn_mask_from_input", "unrolled", "flat_optimizer", "tree_optimizer",
-            "xla_nchw", "xla")
+VARIANTS = ("fused_bn", "autodiff_bn", "bn_mask_from_input", "pool_first_max", "unrolled", "flat_optimizer",
+            "tree_optimizer", "xla_nchw", "xla")
 OPTIMIZERS = {"flat_optimizer": True, "tree_optimizer": False}  # the optimizer's formulation a variant asks for
 
 
@@ -56,7 +59,9 @@ def _variant(name: str):
 
     from jaxunlearn.models import layers
 
-    saved = layers.BatchNormReLU, layers.batch_norm_relu
+    from jaxunlearn.models import nets
+
+    saved = layers.BatchNormReLU, layers.batch_norm_relu, nets.max_pool_2x2, nets.global_max_pool
     parts = name.split("+")
     if "autodiff_bn" in parts:
         class AutodiffBatchNormReLU(nn.BatchNorm):  # the same variables as the library's layer
@@ -67,10 +72,12 @@ def _variant(name: str):
             use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name)
     if "bn_mask_from_input" in parts:
         layers.batch_norm_relu = _batch_norm_relu_mask_from_input()
+    if "pool_first_max" in parts:
+        nets.max_pool_2x2, nets.global_max_pool = first_max_pools()
     try:
         yield
     finally:
-        layers.BatchNormReLU, layers.batch_norm_relu = saved
+        layers.BatchNormReLU, layers.batch_norm_relu, nets.max_pool_2x2, nets.global_max_pool = saved
 
 
 def _batch_norm_relu_mask_from_input():
@@ -95,6 +102,65 @@ def _batch_norm_relu_mask_from_input():
     return f
 
 
+def first_max_pools():
+    """``(max_pool_2x2, global_max_pool)`` with the same values as the library's, whose gradient goes to the
+    first maximum of each window in row-major order, as PyTorch's ``max_pool2d`` and ``adaptive_max_pool2d``
+    send it (the library's split it evenly among tied maxima). The 2x2 pool is written as the elementwise
+    maximum of the window's four strided views, forward and backward (no reduction: the backward recomputes
+    the maximum and its first position from x in the pass that writes dx); the global pool keeps the argmax
+    (i32[B, C]) from its forward. Checked by hand (2026-11-27; torch is not a test dependency): on inputs with
+    many ties, float32 and bfloat16, the gradients equal ``torch.nn.functional.max_pool2d``'s and
+    ``adaptive_max_pool2d``'s exactly, and without ties they equal the library's; one ResNet-9 gradient step is
+    the same to the bit. Measured slower on an H100 (0.974x, benchmarks/RESULTS.md): not adopted."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def corners(x):  # the four positions of every 2x2 window: 4 x T[B, H//2, W//2, C]
+        b, h, w, c = x.shape
+        v = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+        return v[:, :, 0, :, 0], v[:, :, 0, :, 1], v[:, :, 1, :, 0], v[:, :, 1, :, 1]
+
+    @jax.custom_vjp
+    def max_pool_2x2(x):
+        a, b, c, d = corners(x)
+        return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+    def pool_fwd(x):
+        return max_pool_2x2(x), x
+
+    def pool_bwd(x, dy):
+        a, b, c, d = corners(x)
+        m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+        ta = a == m
+        tb = (b == m) & ~ta
+        tc = (c == m) & ~(ta | tb)
+        td = ~(ta | tb | tc)
+        zero = jnp.zeros((), dy.dtype)
+        row = lambda p, q: jnp.stack([jnp.where(p, dy, zero), jnp.where(q, dy, zero)], axis=3)  # noqa: E731
+        n, h, w, ch = x.shape
+        dx = jnp.stack([row(ta, tb), row(tc, td)], axis=2).reshape(n, h // 2 * 2, w // 2 * 2, ch)
+        return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))).astype(x.dtype),)
+
+    max_pool_2x2.defvjp(pool_fwd, pool_bwd)
+
+    @jax.custom_vjp
+    def global_max_pool(x):
+        return jnp.max(x, axis=(1, 2))
+
+    def global_fwd(x):
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        return jnp.max(flat, axis=1), (jnp.argmax(flat, axis=1).astype(jnp.int32), x.shape)
+
+    def global_bwd(res, dy):
+        idx, shape = res
+        pos = lax.broadcasted_iota(jnp.int32, (shape[0], shape[1] * shape[2], shape[3]), 1)
+        return (jnp.where(pos == idx[:, None, :], dy[:, None, :], jnp.zeros((), dy.dtype)).reshape(shape),)
+
+    global_max_pool.defvjp(global_fwd, global_bwd)
+    return max_pool_2x2, global_max_pool
+
+
 def _unrolled(trainer, steps: int):
     """``trainer.run_epoch`` with its scan over steps unrolled."""
     import jax
@@ -113,11 +179,9 @@ def _unrolled(trainer, steps: int):
     return trainer._replace(run_epoch=run_epoch)
 
 
-def build_variant(name: str, recipe, dataset, models: int, seed: int) -> SimpleNamespace:
-    """The variant's epoch program for ``models`` models, compiled and run once (untimed): its chunk ``c``,
-    the trained ``states`` and per-model ``keys``, and ``first`` (seconds of that first epoch, compile
-    included). The program is fixed once compiled, so later epochs run it outside the variant's context."""
-    import jax
+def variant_chunk(name: str, recipe, dataset, models: int, seed: int):
+    """``train_chunk``'s chunk of ``models`` models with the variant's layout and optimizer (call it, and run the
+    chunk's programs the first time, inside ``_variant(name)``)."""
     import numpy as np
 
     from train_chunk import train_chunk
@@ -125,13 +189,31 @@ def build_variant(name: str, recipe, dataset, models: int, seed: int) -> SimpleN
     from jaxunlearn.training.ensemble import EnsembleFns
     from jaxunlearn.training.subsets import steps_per_epoch
 
+    parts = name.split("+")
+    flat = next((OPTIMIZERS[p] for p in parts if p in OPTIMIZERS), None)  # None: train's choice
+    c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None), flat)
+    if "unrolled" in parts:
+        steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
+        c.fns = EnsembleFns(_unrolled(c.trainer, steps), models, c.vmap_width, c.devices)
+    return c
+
+
+def check_variant(v: str, option: str = "--variants") -> None:
+    if not v or any(part not in VARIANTS for part in v.split("+")):
+        raise SystemExit(f"{option}: {v!r} is not one of {', '.join(VARIANTS)} (or several joined by +)")
+    if len(set(v.split("+")) & set(OPTIMIZERS)) > 1:
+        raise SystemExit(f"{option}: {v!r} asks for both optimizer formulations")
+
+
+def build_variant(name: str, recipe, dataset, models: int, seed: int) -> SimpleNamespace:
+    """The variant's epoch program for ``models`` models, compiled and run once (untimed): its chunk ``c``,
+    the trained ``states`` and per-model ``keys``, and ``first`` (seconds of that first epoch, compile
+    included). The program is fixed once compiled, so later epochs run it outside the variant's context."""
+    import jax
+    import numpy as np
+
     with _variant(name):
-        parts = name.split("+")
-        flat = next((OPTIMIZERS[p] for p in parts if p in OPTIMIZERS), None)  # None: train's choice
-        c = train_chunk(recipe, dataset, models, seed, next((p for p in parts if p in ("xla_nchw", "xla")), None), flat)
-        if "unrolled" in parts:
-            steps = steps_per_epoch(np.asarray(c.masks), recipe.batch_size)
-            c.fns = EnsembleFns(_unrolled(c.trainer, steps), models, c.vmap_width, c.devices)
+        c = variant_chunk(name, recipe, dataset, models, seed)
         states, keys = jax.block_until_ready(c.fns.init_models(np.int32(seed), c.ids))
         t = time.perf_counter()
         states, metrics = c.fns.epoch(states, c.images, c.labels, c.masks, keys, np.int32(0))
@@ -164,10 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     for v in a.variants:
-        if not v or any(part not in VARIANTS for part in v.split("+")):
-            raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)} (or several joined by +)")
-        if len(set(v.split("+")) & set(OPTIMIZERS)) > 1:
-            raise SystemExit(f"--variants: {v!r} asks for both optimizer formulations")
+        check_variant(v)
 
     import jax
     import numpy as np

@@ -268,6 +268,11 @@ def max_pool_2x2(x):
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def global_max_pool(x):
+    """Max over the image rows and columns. x: T[B, H, W, C] -> T[B, C]."""
+    return jnp.max(x, axis=(1, 2))
+
+
 CONV_FNS = {"im2col": im2col_conv, "xla": xla_conv, "xla_canonical": canonical_conv, "shift": shift_conv,
             "xla_nchw": xla_nchw_conv, "winograd": winograd_conv, "xla_s2d": xla_s2d_conv}
 CONV_IMPLS = tuple(CONV_FNS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxunlearn.models.layers import Conv, ConvBN, max_pool_2x2, torch_default_init
+from jaxunlearn.models.layers import Conv, ConvBN, global_max_pool, max_pool_2x2, torch_default_init
 
 
 def _dense(features, dtype=jnp.float32, use_bias=True):
@@ -45,7 +45,7 @@ class ResNet9(Classifier):
         x = max_pool_2x2(x)
         x = x + cbn(c(256))(cbn(c(256))(x, train), train)
         x = cbn(c(128), padding=0)(x, train)
-        x = jnp.max(x, axis=(1, 2))
+        x = global_max_pool(x)
         if features:
             return x.astype(jnp.float32)
         x = _dense(self.num_classes, self.dtype, use_bias=False)(x)
