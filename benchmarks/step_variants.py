@@ -57,9 +57,7 @@ def _variant(name: str):
     """The library's functions as the variant needs them, restored afterwards."""
     import flax.linen as nn
 
-    from jaxunlearn.models import layers
-
-    from jaxunlearn.models import nets
+    from jaxunlearn.models import layers, nets
 
     saved = layers.BatchNormReLU, layers.batch_norm_relu, nets.max_pool_2x2, nets.global_max_pool
     parts = name.split("+")
