@@ -217,7 +217,7 @@ def cmd_evaluate(args) -> int:
 
     import numpy as np
 
-    from jaxunlearn.metrics.klom import klom, klom_groups, klom_summary
+    from jaxunlearn.metrics.klom import klom, klom_groups, klom_half_sample_spread, klom_summary
     from jaxunlearn.training import load_run
 
     oracle = load_run(args.oracle)
@@ -231,9 +231,11 @@ def cmd_evaluate(args) -> int:
     if margins.ndim != 2 or margins.shape[1] != n + n_test:
         raise JaxUnlearnError(f"--margins must be [models, {n + n_test}] (train then test points), got {margins.shape}")
     groups = klom_groups(cfg["run"]["forget"], n, n_test)
-    summary = klom_summary(klom(oracle["margins"], margins, binning=args.klom_binning,
-                                direction=args.klom_direction), groups)
-    print(json.dumps({"klom": summary}, indent=2))
+    kw = {"binning": args.klom_binning, "direction": args.klom_direction}
+    out = {"klom": klom_summary(klom(oracle["margins"], margins, **kw), groups)}
+    if args.spread_draws:
+        out["half_sample_spread"] = klom_half_sample_spread(oracle["margins"], margins, groups, args.spread_draws, **kw)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -327,6 +329,9 @@ def build_parser():
     e.add_argument("--klom-binning", default="inclusive",
                    help="inclusive (default) or reference (data-unlearning-bench's np.digitize binning)")
     e.add_argument("--klom-direction", default="oracle||unlearned", help="oracle||unlearned (default) or unlearned||oracle")
+    e.add_argument("--spread-draws", type=int, default=0, metavar="N",
+                   help="also the KLoM mean's spread over N half-samples of the models of each side (N >= 2; "
+                        "metrics.klom_half_sample_spread): the size of a difference that is noise here")
     e.set_defaults(func=cmd_evaluate)
     k = sub.add_parser("dkvb", help="discrete key-value bottleneck heads: zero-gradient class unlearning "
                        "(activations / examples) against SCRUB on a linear head, KLoM vs retrained heads (resumes)")

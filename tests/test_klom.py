@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from jaxunlearn.errors import JaxUnlearnError
-from jaxunlearn.metrics.klom import binned_kl, klom, klom_groups, klom_summary
+from jaxunlearn.metrics.klom import binned_kl, klom, klom_groups, klom_half_sample_spread, klom_summary
 from jaxunlearn.metrics.margins import margins_from_logits
 
 
@@ -159,3 +159,27 @@ def test_pipeline_config_takes_the_klom_settings():
     assert (cfg.klom_binning, cfg.klom_direction) == ("reference", "unlearned||oracle")
     with pytest.raises(JaxUnlearnError, match="klom_binning must be one of inclusive, reference"):
         PipelineConfig().with_overrides(["klom_binning=digitize"])
+
+
+def test_half_sample_spread_on_real_margins(real_margins):
+    o, u = real_margins  # 16 and 16 digits-MLP models
+    groups = klom_groups(np.arange(100), 1437, 360)
+    res = klom_half_sample_spread(o, u, groups, draws=6, seed=1)
+    assert res["klom"] == pytest.approx(klom_summary(klom(o, u), groups)["mean"], rel=1e-6)
+    assert res["models"] == [8, 8] and res["draws"] == 6
+    rng = np.random.default_rng(1)  # the same draws by hand: half of each side, without replacement
+    values = [klom_summary(klom(o[np.sort(rng.permutation(16)[:8])], u[np.sort(rng.permutation(16)[:8])]),
+                           groups)["mean"] for _ in range(6)]
+    assert res["sd"] == pytest.approx(np.std(values, ddof=1), rel=1e-6) and res["sd"] > 0
+    assert (res["min"], res["max"], res["half_mean"]) == pytest.approx((min(values), max(values), np.mean(values)))
+    # the documented caution: with half the models a binned KL is larger, so only the spread compares
+    assert res["half_mean"] > res["klom"]
+    assert klom_half_sample_spread(o, u, groups, draws=6, seed=1) == res
+    assert klom_half_sample_spread(o, u, groups, draws=6, seed=2)["sd"] != res["sd"]
+    ref = klom_half_sample_spread(o, u, groups, draws=3, binning="reference", direction="unlearned||oracle")
+    assert ref["klom"] == pytest.approx(klom_summary(klom(o, u, direction="unlearned||oracle", binning="reference"),
+                                                     groups)["mean"], rel=1e-6)
+    with pytest.raises(JaxUnlearnError, match="at least 4 models on each side, got 3 oracle"):
+        klom_half_sample_spread(o[:3], u, groups)
+    with pytest.raises(JaxUnlearnError, match="draws must be an integer >= 2, got 1"):
+        klom_half_sample_spread(o, u, groups, draws=1)

@@ -159,6 +159,11 @@ def test_evaluate_command_scores_margins_against_an_oracle_run(demo, capsys):
     ref = klom_summary(klom(oracle, full, direction="unlearned||oracle", binning="reference"),
                        klom_groups(forget, 1437, 360))
     assert json.loads(capsys.readouterr().out)["klom"] == pytest.approx(ref, rel=1e-6) and ref != want
+    assert main(["evaluate", "--oracle", os.path.join(out, "oracle-random-100"), "--margins",
+                 os.path.join(out, "full", "margins.npy"), "--spread-draws", "3"]) == 0
+    spread = json.loads(capsys.readouterr().out)["half_sample_spread"]
+    assert spread["klom"] == pytest.approx(want["mean"], rel=1e-6) and spread["draws"] == 3
+    assert spread["models"] == [len(oracle) // 2, len(full) // 2] and spread["sd"] > 0
     assert np.load(os.path.join(out, "full", "masks.npy")).all()
     assert main(["evaluate", "--oracle", os.path.join(out, "full"), "--margins", os.path.join(out, "full", "margins.npy")]) == 2
     assert "is not an oracle run" in capsys.readouterr().err
