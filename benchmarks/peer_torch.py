@@ -136,7 +136,6 @@ def worker_ours(a) -> dict:
     use_one_cpu_device_per_core()
 
     from step_variants import _variant, variant_chunk
-    from train_chunk import train_chunk
 
     from jaxunlearn.data import load_dataset
     from jaxunlearn.training.recipe import recipe_from_fields
@@ -145,9 +144,9 @@ def worker_ours(a) -> dict:
     fields.pop("steps_per_epoch")
     recipe = recipe_from_fields(fields)
     d = load_dataset(PEER_MODELS[recipe.model][0], a.data_dir)
-    with _variant(a.ours_variant) if a.ours_variant else contextlib.nullcontext():  # programs compiled inside
-        c = variant_chunk(a.ours_variant, recipe, d, a.models, a.seed) if a.ours_variant else \
-            train_chunk(recipe, d, a.models, a.seed)
+    variant = a.ours_variant or "fused_bn"  # fused_bn: the library as it is (train_chunk's layout and optimizer)
+    with _variant(variant):  # the programs are compiled inside
+        c = variant_chunk(variant, recipe, d, a.models, a.seed)
         states, keys = jax.block_until_ready(c.fns.init_models(np.int32(a.seed), c.ids))
         epochs = []
         for e in range(recipe.epochs):

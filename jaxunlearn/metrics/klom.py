@@ -197,14 +197,13 @@ def klom_half_sample_spread(oracle_margins, unlearned_margins, groups: dict, dra
     Returns {"klom": the full ensembles' summary mean, "sd", "half_mean", "min", "max": over the draws'
     summary means, "draws", "models": [K1 // 2, K2 // 2]}.
     """
-    o, u = _check_samples(oracle_margins, unlearned_margins, klom_kwargs.get("bins", 20),
-                          klom_kwargs.get("eps", 1e-5), klom_kwargs.get("clip", 100.0))
+    if not is_integer(draws) or draws < 2:
+        raise JaxUnlearnError(f"KLoM half-sampling: draws must be an integer >= 2, got {draws!r}")
+    full = klom_summary(klom(oracle_margins, unlearned_margins, **klom_kwargs), groups, q)["mean"]  # checks them
+    o, u = jnp.asarray(oracle_margins, jnp.float32), jnp.asarray(unlearned_margins, jnp.float32)
     if o.shape[0] < 4 or u.shape[0] < 4:
         raise JaxUnlearnError(f"KLoM half-sampling: need at least 4 models on each side, got {o.shape[0]} oracle and "
                               f"{u.shape[0]} unlearned models")
-    if not is_integer(draws) or draws < 2:
-        raise JaxUnlearnError(f"KLoM half-sampling: draws must be an integer >= 2, got {draws!r}")
-    full = klom_summary(klom(o, u, **klom_kwargs), groups, q)["mean"]
     rng = np.random.default_rng(seed)
     ko, ku = o.shape[0] // 2, u.shape[0] // 2
     values = np.asarray([klom_summary(klom(o[np.sort(rng.permutation(o.shape[0])[:ko])],
